@@ -1,0 +1,94 @@
+"""Listening sockets, bound once by the master and kept for the life of the service.
+
+One SO_REUSEPORT TCP socket per worker slot and listen address: the kernel spreads new
+connections over the slots, and a respawned worker inherits its slot's socket, so connections
+queued in the kernel survive a worker's death. The Unix socket is shared by all workers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from .config import Config
+
+
+class ListenError(Exception):
+    pass
+
+
+def _addresses(config: Config) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    for addr in config.settings.listen_addr:
+        if addr == "*":
+            out.append((socket.AF_INET, "0.0.0.0"))
+            if socket.has_ipv6:
+                out.append((socket.AF_INET6, "::"))
+        else:
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            out.append((family, addr))
+    return out
+
+
+def bind_tcp(config: Config) -> list[socket.socket]:
+    """The TCP listeners of ONE worker slot (one per listen address)."""
+    s = config.settings
+    socks = []
+    for family, host in _addresses(config):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, s.listen_port))
+            sock.listen(s.listen_backlog)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            for other in socks:
+                other.close()
+            raise ListenError("could not listen on %s:%d: %s" % (host, s.listen_port,
+                                                                  exc.strerror)) from None
+        socks.append(sock)
+    return socks
+
+
+def unix_socket_path(config: Config) -> str | None:
+    d = config.settings.unix_socket_dir
+    if not d:
+        return None
+    return os.path.join(d, ".s.PGSQL.%d" % config.settings.listen_port)
+
+
+def bind_unix(config: Config) -> socket.socket | None:
+    """The shared Unix listener; refuses a socket another live process answers on."""
+    path = unix_socket_path(config)
+    if path is None:
+        return None
+    if os.path.exists(path + ".lock"):
+        raise ListenError("unix port %d is in use (%s.lock exists)" % (
+            config.settings.listen_port, path))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise ListenError("cannot check unix socket %s: %s" % (path, exc.strerror)) from None
+        if exc.errno == errno.ECONNREFUSED:
+            os.unlink(path)  # stale, left by a process that died
+    else:
+        raise ListenError("unix socket is in use, cannot continue: %s" % path)
+    finally:
+        probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, config.settings.unix_socket_mode)
+        sock.listen(config.settings.listen_backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError("could not listen on %s: %s" % (path, exc.strerror)) from None
+    return sock

@@ -1,0 +1,483 @@
+"""Logins, one greenlet each: a client's startup and authentication, a server's connect and
+authentication, and the short connections that carry CancelRequests.
+
+These are the slow, multi-step dialogues, written as straight-line cooperative code; when a
+login ends the connection is handed to the event-driven relay (``workers/relay.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from gevent.socket import getaddrinfo, wait_read, wait_write
+
+from . import auth, proto
+from .proto import MessageReader, ProtocolError
+from .relay import Client, Server
+from .varcache import parse_options
+
+if TYPE_CHECKING:
+    from prefork.config import Database
+
+    from .pool import Pool
+    from .worker import Worker
+
+log = logging.getLogger("pgherd")
+_monotonic = time.monotonic
+
+ADMIN_DATABASES = ("pgbouncer", "pgherd")
+
+
+class LoginTimeout(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Refused(Exception):
+    """Refuse a client login with PgBouncer's text and SQLSTATE."""
+
+    def __init__(self, text: str, sqlstate: str = "08P01", log_text: str | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.sqlstate = sqlstate
+        self.log_text = log_text or text
+
+
+class LoginFailed(Exception):
+    """A server login failed; ``fields`` are the ErrorResponse to pass on to clients."""
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or {"S": "FATAL", "C": "08P01", "M": message}
+
+
+# --------------------------------------------------------------------------- cooperative I/O
+
+
+def read_message(sock: socket.socket, reader: MessageReader, deadline: float) -> tuple[int, bytes]:
+    while True:
+        msg = reader.next()
+        if msg is not None:
+            return msg
+        try:
+            data = sock.recv(16384)
+        except (BlockingIOError, InterruptedError):
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                raise LoginTimeout()
+            wait_read(sock.fileno(), timeout=remaining, timeout_exc=LoginTimeout())
+            continue
+        except OSError as exc:
+            raise ClientGone(exc.strerror) from exc
+        if not data:
+            raise ClientGone("unexpected eof")
+        reader.feed(data)
+
+
+def send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                raise LoginTimeout()
+            wait_write(sock.fileno(), timeout=remaining, timeout_exc=LoginTimeout())
+            continue
+        except OSError as exc:
+            raise ClientGone(exc.strerror) from exc
+        view = view[sent:]
+
+
+# --------------------------------------------------------------------------- client login
+
+
+def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> None:
+    """Greenlet: startup packet, authentication, welcome; then hand over to the relay."""
+    s = worker.settings
+    label = "C-%d" % cid
+    deadline = _monotonic() + (s.client_login_timeout or 1e9)
+    reader = MessageReader(startup=True)
+    worker.logins += 1
+    user = dbname = "?"
+    try:
+        params = _startup(worker, sock, reader, deadline)
+        if params is None:
+            sock.close()
+            return
+        user = params.pop("user", "")
+        if not user:
+            raise Refused("no username supplied")
+        dbname = params.pop("database", "") or user
+        if s.log_connections:
+            log.info("%s: %s/%s@%s login attempt: db=%s user=%s tls=no", label, dbname,
+                     user, addr, dbname, user)
+        if dbname in ADMIN_DATABASES:
+            from .admin import admin_login
+
+            admin_login(worker, sock, reader, deadline, user, dbname, cid)
+            return
+        if worker.client_count() >= s.max_client_conn:
+            raise Refused("no more connections allowed (max_client_conn)")
+        if worker.draining:
+            raise Refused("pooler is shutting down")
+        db = worker.database(dbname)
+        if db is None:
+            raise Refused("no such database: %s" % dbname)
+        client_params = _client_params(worker, params)
+        pool_user = db.user or user
+        keys = authenticate(worker, sock, reader, deadline, user, db)
+        pool = worker.pool_for(db, pool_user)
+        if keys is not None and pool.scram_keys is None:
+            pool.scram_keys = keys
+        welcome = _wait_welcome(pool, deadline)
+        client = Client(worker, sock, pool, {}, user, dbname, cid)
+        for name, value in welcome.items():
+            if worker.tracked.canonical(name) is not None:
+                client.params[name] = value
+        client.params.update(client_params)
+        client.cancel_key = worker.new_cancel_key(client)
+        out = bytearray()
+        for name, value in welcome.items():
+            out += proto.parameter_status(name, client.params.get(name, value))
+        for name, value in client_params.items():
+            if name not in welcome:
+                out += proto.parameter_status(name, value)
+        out += proto.backend_key_data(*client.cancel_key)
+        out += proto.ready_for_query()
+        send_all(sock, bytes(out), deadline)
+        pool.stats.client_login_count += 1
+        worker.client_ready(client)
+        client.start()
+    except Refused as exc:
+        _refuse(worker, sock, exc, label, dbname, user)
+    except LoginTimeout:
+        _refuse(worker, sock, Refused("client_login_timeout"), label, dbname, user)
+    except ProtocolError as exc:
+        _refuse(worker, sock, Refused("bad packet", log_text="bad packet: %s" % exc), label,
+                dbname, user)
+    except ClientGone:
+        sock.close()
+        if s.log_disconnections:
+            log.info("%s: %s/%s@%s closing because: client unexpected eof", label, dbname,
+                     user, addr)
+    finally:
+        worker.logins -= 1
+
+
+def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str, dbname: str,
+            user: str) -> None:
+    try:
+        sock.send(proto.error_response(exc.text, exc.sqlstate))
+    except OSError:
+        pass
+    sock.close()
+    if worker.settings.log_pooler_errors:
+        log.warning("%s: %s/%s pooler error: %s", label, dbname, user, exc.log_text)
+
+
+def _startup(worker: Worker, sock: socket.socket, reader: MessageReader,
+             deadline: float) -> dict[str, str] | None:
+    """Read until a StartupMessage; answer SSL/GSSENC with 'N'; serve a CancelRequest."""
+    while True:
+        _, body = read_message(sock, reader, deadline)
+        code, params = proto.parse_startup(body)
+        if code == proto.PROTOCOL_V3:
+            if reader.buf:
+                raise ProtocolError("data after startup packet")
+            return params
+        if code in (proto.SSL_REQUEST_CODE, proto.GSSENC_REQUEST_CODE):
+            if reader.buf:
+                raise Refused("received unencrypted data after SSL request")
+            send_all(sock, b"N", deadline)
+            continue
+        if code == proto.CANCEL_REQUEST_CODE:
+            worker.cancel(*params)
+            return None
+        if code >> 16 < 3:
+            raise Refused("old V2 protocol not supported")
+        raise Refused("unsupported protocol version %d.%d" % (code >> 16, code & 0xFFFF))
+
+
+def _client_params(worker: Worker, params: dict[str, str]) -> dict[str, str]:
+    """The tracked values a client asked for; other startup parameters are refused."""
+    tracked = worker.tracked
+    ignored = {p.lower() for p in worker.settings.ignore_startup_parameters}
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = tracked.canonical(key)
+        if name is not None:
+            out[name] = value
+        elif key == "options":
+            try:
+                pairs = parse_options(value)
+            except ValueError as exc:
+                if "options" in ignored:
+                    continue
+                raise Refused(str(exc)) from None
+            for okey, ovalue in pairs:
+                oname = tracked.canonical(okey)
+                if oname is not None:
+                    out[oname] = ovalue
+                elif okey.lower() not in ignored and "options" not in ignored:
+                    raise Refused("unsupported startup parameter in options: %s" % okey)
+        elif key.lower() in ignored or key.startswith("_pq_."):
+            continue
+        elif key == "replication":
+            raise Refused("replication connections are not supported yet")
+        else:
+            raise Refused("unsupported startup parameter: %s" % key)
+    return out
+
+
+def _wait_welcome(pool: Pool, deadline: float) -> dict[str, str]:
+    """The server parameters new clients are greeted with: from the pool's first login."""
+    while pool.welcome is None:
+        cached = pool.cached_login_error()
+        if cached is not None and pool.login_error is not None:
+            fields = pool.login_error
+            raise Refused(fields.get("M", cached), fields.get("C", "08P01"), log_text=cached)
+        event = pool.welcome_ready
+        pool.grow()
+        remaining = deadline - _monotonic()
+        if remaining <= 0 or not event.wait(remaining):
+            raise Refused("client_login_timeout (server down)")
+    return pool.welcome
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def authenticate(worker: Worker, sock: socket.socket, reader: MessageReader, deadline: float,
+                 user: str, db: Database) -> tuple[bytes, bytes] | None:
+    """Check the client's credentials per auth_type; returns SCRAM keys for passthrough.
+
+    Unknown users are run through the same exchange as known ones and fail the same way.
+    """
+    s = worker.settings
+    method = s.auth_type
+    stored = worker.config.userlist.get(user)
+    reader.startup = False
+    if method == "any":
+        if not db.user:
+            raise Refused("bouncer config error", log_text="auth_type=any requires a forced user")
+    elif method == "trust":
+        if stored is None:
+            raise Refused('"trust" authentication failed', "28P01")
+    elif method == "plain":
+        send_all(sock, proto.auth_request(proto.AUTH_CLEARTEXT), deadline)
+        password = _password(sock, reader, deadline)
+        if stored is None or not auth.plain_verify(stored, user, password.rstrip(b"\x00")):
+            raise Refused("password authentication failed", "28P01")
+    elif method == "md5" and not (stored and auth.parse_scram_secret(stored)):
+        salt = secrets.token_bytes(4)
+        send_all(sock, proto.auth_request(proto.AUTH_MD5, salt), deadline)
+        response = _password(sock, reader, deadline).rstrip(b"\x00")
+        if stored is None or not auth.md5_verify(stored, user, salt, response):
+            raise Refused("password authentication failed", "28P01")
+    else:  # scram-sha-256, or md5 with a SCRAM secret stored
+        return _scram(worker, sock, reader, deadline, user, stored)
+    send_all(sock, proto.auth_request(proto.AUTH_OK), deadline)
+    return None
+
+
+def _password(sock: socket.socket, reader: MessageReader, deadline: float) -> bytes:
+    mtype, body = read_message(sock, reader, deadline)
+    if mtype != proto.F_PASSWORD:
+        raise ProtocolError("expected password packet, got %r" % chr(mtype))
+    return body
+
+
+def _scram(worker: Worker, sock: socket.socket, reader: MessageReader, deadline: float,
+           user: str, stored: str | None) -> tuple[bytes, bytes] | None:
+    usable = stored if stored and not auth.is_md5_secret(stored) else None
+    server = auth.ScramServer(user, usable, worker.settings.scram_iterations)
+    send_all(sock, proto.auth_sasl(server.mechanisms()), deadline)
+    body = _password(sock, reader, deadline)
+    try:
+        mechanism, pos = proto.parse_cstring(body)
+        if mechanism != auth.SCRAM_SHA_256 or len(body) < pos + 4:
+            raise auth.AuthFailed("unsupported SASL mechanism %r" % mechanism)
+        length = proto.INT32.unpack_from(body, pos)[0]
+        first = body[pos + 4 : pos + 4 + length]
+        send_all(sock, proto.auth_request(proto.AUTH_SASL_CONTINUE,
+                                          server.handle_client_first(first)), deadline)
+        final = _password(sock, reader, deadline)
+        server_final = server.handle_client_final(final)
+    except (auth.AuthFailed, ValueError) as exc:
+        raise Refused("SASL authentication failed", "28P01",
+                      log_text="SASL authentication failed: %s" % exc) from None
+    send_all(sock, proto.auth_request(proto.AUTH_SASL_FINAL, server_final)
+             + proto.auth_request(proto.AUTH_OK), deadline)
+    if server.client_key is not None and server.server_key is not None:
+        return server.client_key, server.server_key
+    return None
+
+
+# --------------------------------------------------------------------------- server login
+
+
+def server_target(worker: Worker, db: Database) -> tuple:
+    """(family, address) of the database's server, round-robin over a host list."""
+    hosts = db.host or (worker.settings.unix_socket_dir,)
+    host = hosts[worker.next_host_index(db.name) % len(hosts)]
+    if host.startswith("/"):
+        return socket.AF_UNIX, "%s/.s.PGSQL.%d" % (host, db.port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family, (host, db.port)
+
+
+def connect(target: tuple, deadline: float) -> socket.socket:
+    family, address = target
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            address = getaddrinfo(address[0], address[1], family, socket.SOCK_STREAM)[0][4]
+        err = sock.connect_ex(address)
+        if err in (115, 11):  # EINPROGRESS, EAGAIN (unix sockets with a full backlog)
+            remaining = deadline - _monotonic()
+            wait_write(sock.fileno(), timeout=max(remaining, 0.001), timeout_exc=LoginTimeout())
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_server(pool: Pool) -> Server:
+    """Connect and log in a new server connection for ``pool``; raises LoginFailed."""
+    worker = pool.worker
+    db = pool.db
+    deadline = _monotonic() + (worker.settings.server_connect_timeout or 1e9)
+    target = server_target(worker, db)
+    try:
+        sock = connect(target, deadline)
+    except LoginTimeout:
+        raise LoginFailed("connect timeout") from None
+    except OSError as exc:
+        raise LoginFailed("connect failed: %s" % exc.strerror) from None
+    try:
+        params, pid, key = _server_startup(pool, sock, deadline)
+    except LoginTimeout:
+        sock.close()
+        raise LoginFailed("connect timeout") from None
+    except (ClientGone, ProtocolError) as exc:
+        sock.close()
+        raise LoginFailed("server closed the connection during login: %s" % exc) from None
+    except LoginFailed:
+        sock.close()
+        raise
+    server = Server(worker, sock, pool, params, pid, key, target)
+    if worker.settings.log_connections:
+        log.info("S-%d: %s/%s@%s:%d new connection to server", server.id, pool.dbname,
+                 pool.user, server.addr, server.port)
+    return server
+
+
+def _server_startup(pool: Pool, sock: socket.socket,
+                    deadline: float) -> tuple[dict[str, str], int, int]:
+    db = pool.db
+    startup = {"user": pool.user, "database": db.dbname or db.name}
+    for key, name in (("client_encoding", "client_encoding"), ("datestyle", "DateStyle"),
+                      ("timezone", "TimeZone"), ("application_name", "application_name")):
+        value = getattr(db, key)
+        if value:
+            startup[name] = value
+    send_all(sock, proto.startup_message(startup), deadline)
+    reader = MessageReader()
+    params: dict[str, str] = {}
+    pid = key = 0
+    scram: auth.ScramClient | None = None
+    while True:
+        mtype, body = read_message(sock, reader, deadline)
+        if mtype == proto.B_AUTH:
+            code = proto.INT32.unpack_from(body, 0)[0]
+            if code == proto.AUTH_OK:
+                continue
+            try:
+                reply, scram = _server_auth(pool, code, body[4:], scram)
+            except auth.AuthFailed as exc:
+                raise LoginFailed("server login failed: %s" % exc) from None
+            if reply:
+                send_all(sock, reply, deadline)
+        elif mtype == proto.B_PARAMETER_STATUS:
+            name, value = proto.parse_parameter_status(body)
+            params[name] = value
+        elif mtype == proto.B_BACKEND_KEY:
+            pid, key = struct.unpack_from("!II", body, 0)
+        elif mtype == proto.B_READY:
+            return params, pid, key
+        elif mtype == proto.B_ERROR:
+            fields = proto.parse_fields(body)
+            raise LoginFailed(fields.get("M", "server error"), fields)
+        elif mtype in (proto.B_NOTICE, proto.B_NEGOTIATE):
+            continue
+        else:
+            raise ProtocolError("unexpected message %r during server login" % chr(mtype))
+
+
+def _server_auth(pool: Pool, code: int, data: bytes,
+                 scram: auth.ScramClient | None) -> tuple[bytes, auth.ScramClient | None]:
+    """Answer one authentication request of the server."""
+    password = pool.password
+    if code == proto.AUTH_CLEARTEXT:
+        if not password or auth.is_md5_secret(password) or auth.parse_scram_secret(password):
+            raise auth.AuthFailed("wrong password type")
+        return proto.password_message(password.encode() + b"\x00"), None
+    if code == proto.AUTH_MD5:
+        if not password:
+            raise auth.AuthFailed("no password for server login")
+        return proto.password_message(auth.md5_client_response(pool.user, password, data[:4])
+                                      + b"\x00"), None
+    if code == proto.AUTH_SASL:
+        mechanisms = [m.decode() for m in data.split(b"\x00") if m]
+        if auth.SCRAM_SHA_256 not in mechanisms:
+            raise auth.AuthFailed("none of the server's SASL authentication mechanisms are supported")
+        if password and auth.parse_scram_secret(password) and pool.scram_keys:
+            client = auth.ScramClient(client_key=pool.scram_keys[0], server_key=pool.scram_keys[1])
+        else:
+            client = auth.ScramClient(password=password or "")
+        return proto.sasl_initial_response(auth.SCRAM_SHA_256, client.client_first()), client
+    if code == proto.AUTH_SASL_CONTINUE and scram is not None:
+        return proto.password_message(scram.handle_server_first(data)), scram
+    if code == proto.AUTH_SASL_FINAL and scram is not None:
+        scram.handle_server_final(data)
+        return b"", None
+    raise auth.AuthFailed("unsupported authentication method %d" % code)
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def forward_cancel(worker: Worker, server: Server) -> None:
+    """Greenlet: send a CancelRequest for ``server``'s backend over a new connection."""
+    deadline = _monotonic() + (worker.settings.server_connect_timeout or 15)
+    try:
+        sock = connect(server.target, deadline)
+    except (OSError, LoginTimeout) as exc:
+        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        return
+    try:
+        send_all(sock, proto.cancel_request(server.backend_pid, server.backend_key), deadline)
+        # The server closes the connection when it has processed the request.
+        wait_read(sock.fileno(), timeout=max(deadline - _monotonic(), 0.001))
+    except Exception as exc:  # a failed cancel is logged, never fatal
+        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+    finally:
+        sock.close()

@@ -1,0 +1,318 @@
+"""Pools: one per (database, user) in a worker — idle servers, waiting clients, hand-outs.
+
+Where a limit is checked: :meth:`Pool.may_open` (pool_size + reserve, max_db_connections,
+max_user_connections) through the worker's :class:`~workers.limits.Limits`. Where a client
+gets a server: :meth:`Pool.assign` (on a request) and :meth:`Pool.give` (a server became
+free: the longest-waiting client gets it, else it goes idle). A server is linked in three
+steps, each of which may have to wait for the server: health check (``server_check_query``
+after ``server_check_delay`` idle), tracked-parameter SET, then the client's request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+import gevent.event
+
+from .relay import SESSION, Client, Server
+from .varcache import server_set_query
+
+if TYPE_CHECKING:
+    from prefork.config import Database
+
+    from .worker import Worker
+
+log = logging.getLogger("pgherd")
+_monotonic = time.monotonic
+
+
+class PoolStats:
+    """Counters of one pool in this worker, in PgBouncer's units (bytes, microseconds)."""
+
+    __slots__ = ("xact_count", "query_count", "recv_bytes", "sent_bytes", "xact_time",
+                 "query_time", "wait_time", "server_assignment_count", "client_login_count")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+class Pool:
+    """Servers and clients of one (database, user) pair in this worker."""
+
+    def __init__(self, worker: Worker, db: Database, user: str, password: str | None) -> None:
+        self.worker = worker
+        self.db = db
+        self.dbname = db.name
+        self.user = user
+        self.password = password  # for server login: connstring password or auth_file secret
+        self.scram_keys: tuple[bytes, bytes] | None = None  # SCRAM passthrough (ClientKey, ServerKey)
+        self.idle: collections.deque[Server] = collections.deque()
+        self.waiting: collections.deque[Client] = collections.deque()
+        self.servers: set[Server] = set()
+        self.clients: set[Client] = set()
+        self.connecting = 0
+        self.welcome: dict[str, str] | None = None  # server defaults, replayed to new clients
+        self.welcome_ready = gevent.event.Event()
+        self.login_error: dict[str, str] | None = None
+        self.login_failed_at = 0.0
+        self.stats = PoolStats()
+        self.apply_config()
+
+    def apply_config(self) -> None:
+        """Derive this pool's mode and sizes: user settings > database > global."""
+        s = self.worker.settings
+        u = self.worker.config.users.get(self.user)
+        db = self.db
+
+        def pick(name: str, default):
+            for src in (u, db):
+                value = getattr(src, name, None) if src is not None else None
+                if value is not None:
+                    return value
+            return default
+
+        self.mode = pick("pool_mode", s.pool_mode)
+        self.size = pick("pool_size", s.default_pool_size)
+        self.reserve = pick("reserve_pool_size", s.reserve_pool_size)
+        self.min_size = db.min_pool_size if db.min_pool_size is not None else s.min_pool_size
+        self.lifetime = db.server_lifetime if db.server_lifetime is not None else s.server_lifetime
+        qwt = getattr(u, "query_wait_timeout", None) if u else None
+        if qwt is None:
+            qwt = db.query_wait_timeout
+        self.query_wait_timeout = qwt if qwt is not None else s.query_wait_timeout
+
+    # -------------------------------------------------------------------- hand-outs
+
+    def assign(self, client: Client) -> None:
+        """``client`` has a request parked; link it to a server now or queue it."""
+        server = self._take_idle()
+        if server is not None:
+            self.link(client, server)
+            return
+        client.state = "waiting"
+        client.wait_started = _monotonic()
+        self.waiting.append(client)
+        self.grow()
+
+    def _take_idle(self) -> Server | None:
+        idle = self.idle
+        round_robin = self.worker.settings.server_round_robin
+        while idle:
+            server = idle.popleft() if round_robin else idle.pop()
+            if not self._retire(server):
+                return server
+        return None
+
+    def link(self, client: Client, server: Server) -> None:
+        client.server = server
+        server.client = client
+        client.state = "active"
+        server.state = "active"
+        server.link_time = _monotonic()
+        self.stats.server_assignment_count += 1
+        s = self.worker.settings
+        if (s.server_check_delay >= 0 and s.server_check_query
+                and server.link_time - server.last_used > s.server_check_delay):
+            server.state = "tested"
+            query = "" if s.server_check_query == "<empty>" else s.server_check_query
+            server.run_internal(query, self._checked)
+            return
+        self._apply_params(server)
+
+    def _checked(self, server: Server, error: dict[str, str] | None) -> None:
+        if error is None:
+            server.state = "active"
+            self._apply_params(server)
+            return
+        client = server.client
+        server.client = None
+        client.server = None
+        server.close("server check query failed: %s" % error.get("M", ""))
+        self.assign(client)
+
+    def _apply_params(self, server: Server) -> None:
+        client = server.client
+        sql = server_set_query(client.params, server.params)
+        if sql is None:
+            client.resume()
+            return
+        if self.worker.settings.verbose:
+            log.debug("S-%d: applying %s", server.id, sql)
+        server.run_internal(sql, self._params_applied)
+
+    def _params_applied(self, server: Server, error: dict[str, str] | None) -> None:
+        client = server.client
+        if error is not None:
+            server.close("invalid server parameter: %s" % error.get("M", ""),
+                         client_error="invalid server parameter")
+            return
+        # Keep the server's canonical spelling ("utf8" is reported back as "UTF8").
+        for name in client.params:
+            if name in server.params:
+                client.params[name] = server.params[name]
+        client.resume()
+
+    def release(self, server: Server) -> None:
+        """The linked client is done with ``server`` (transaction end or client gone)."""
+        client = server.client
+        if client is not None:
+            client.server = None
+            server.client = None
+        server.last_used = _monotonic()
+        if self._retire(server):
+            return
+        s = self.worker.settings
+        if s.server_reset_query and (self.mode == SESSION or s.server_reset_query_always):
+            server.state = "used"
+            server.run_internal(s.server_reset_query, self._reset_done)
+            return
+        self.give(server)
+
+    def _reset_done(self, server: Server, error: dict[str, str] | None) -> None:
+        if error is not None:
+            server.close("server_reset_query failed: %s" % error.get("M", ""))
+            return
+        self.give(server)
+
+    def give(self, server: Server) -> None:
+        """A free server: to the client that waited longest, else to the idle list."""
+        if self.waiting:
+            self.link(self.waiting.popleft(), server)
+            return
+        server.state = "idle"
+        self.idle.append(server)
+
+    def _retire(self, server: Server) -> bool:
+        """Close ``server`` instead of reusing it when it is marked, too old or surplus."""
+        if server.close_needed:
+            server.close("database configuration changed")
+        elif self.lifetime and _monotonic() - server.born > self.lifetime:
+            server.close("server lifetime over")
+        elif self.size and len(self.servers) > self.size + self.reserve:
+            server.close("pool size reduced")
+        else:
+            return False
+        return True
+
+    # -------------------------------------------------------------------- growth
+
+    def grow(self) -> None:
+        """Open server connections for waiting clients, as far as the limits allow."""
+        if self.login_failed_at and _monotonic() - self.login_failed_at < self.worker.settings.server_login_retry:
+            return
+        want = len(self.waiting) - self.connecting
+        if self.welcome is None and not self.servers and not self.connecting:
+            want = max(want, 1)
+        want = max(want, self.min_size - len(self.servers) - self.connecting)
+        while want > 0 and self.may_open():
+            self.connecting += 1
+            self.worker.limits.opened(self)
+            gevent.spawn(self._connect)
+            want -= 1
+
+    def may_open(self) -> bool:
+        """The one place where a new server connection is allowed or refused."""
+        total = len(self.servers) + self.connecting
+        if self.size and total >= self.size:
+            if not (self.reserve and total < self.size + self.reserve and self.waiting
+                    and _monotonic() - self.waiting[0].wait_started
+                    >= self.worker.settings.reserve_pool_timeout):
+                return False
+            log.info("%s/%s taking connection from reserve_pool", self.dbname, self.user)
+        return self.worker.limits.may_open(self)
+
+    def _connect(self) -> None:
+        from .login import LoginFailed, open_server  # login imports pool's neighbours
+
+        try:
+            server = open_server(self)
+        except LoginFailed as exc:
+            self.connecting -= 1
+            self.worker.limits.closed(self)
+            self._login_failed(exc)
+            return
+        self.connecting -= 1
+        self.login_error = None
+        self.login_failed_at = 0.0
+        self.servers.add(server)
+        if self.welcome is None:
+            self.welcome = dict(server.params)
+            self.welcome_ready.set()
+        server.start()
+        if self.db.connect_query:
+            server.run_internal(self.db.connect_query, self._connect_query_done)
+        else:
+            self.give(server)
+
+    def _connect_query_done(self, server: Server, error: dict[str, str] | None) -> None:
+        if error is not None:
+            log.warning("S-%d: connect_query failed: %s", server.id, error.get("M", ""))
+        self.give(server)
+
+    def _login_failed(self, exc) -> None:
+        log.warning("%s/%s server login failed: %s", self.dbname, self.user, exc.message)
+        self.login_error = exc.fields
+        self.login_failed_at = _monotonic()
+        # Clients still in login wait for the welcome: tell them now rather than at their
+        # client_login_timeout. Clients with a queued query keep waiting for a retry.
+        self.welcome_ready.set()
+        self.welcome_ready = gevent.event.Event()
+
+    # -------------------------------------------------------------------- bookkeeping
+
+    def client_gone(self, client: Client) -> None:
+        self.clients.discard(client)
+        if client.state == "waiting":
+            try:
+                self.waiting.remove(client)
+            except ValueError:
+                pass
+
+    def server_gone(self, server: Server) -> None:
+        if server in self.servers:
+            self.servers.discard(server)
+            self.worker.limits.closed(self)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        if self.waiting:
+            self.grow()
+
+    def close_idle(self, reason: str) -> bool:
+        """Close one idle server (the least recently used); False when there is none."""
+        if not self.idle:
+            return False
+        self.idle.popleft().close(reason)
+        return True
+
+    def janitor(self, now: float) -> None:
+        """Timeouts of this pool; runs a few times a second."""
+        s = self.worker.settings
+        qwt = self.query_wait_timeout
+        while qwt and self.waiting and now - self.waiting[0].wait_started > qwt:
+            self.waiting[0].disconnect("query_wait_timeout", error="query_wait_timeout")
+        if s.server_idle_timeout:
+            for server in [srv for srv in self.idle if now - srv.last_used > s.server_idle_timeout]:
+                if len(self.servers) <= self.min_size:
+                    break
+                server.close("server idle timeout")
+        if self.lifetime:
+            for server in [srv for srv in self.idle if now - srv.born > self.lifetime]:
+                server.close("server lifetime over")
+        if self.waiting or len(self.servers) + self.connecting < self.min_size:
+            self.grow()
+
+    def cached_login_error(self) -> str | None:
+        """PgBouncer's fast-fail text while server_login_retry runs after a failed login."""
+        if self.login_error is None or self.servers:
+            return None
+        if _monotonic() - self.login_failed_at >= self.worker.settings.server_login_retry:
+            return None
+        return "server login has been failing, cached error: %s (server_login_retry)" % (
+            self.login_error.get("M", "unknown error"))

@@ -1,0 +1,467 @@
+"""PostgreSQL v3 wire protocol, sans-IO: message boundaries, message facts, message builders.
+
+Nothing here owns a socket. The relay (``workers/relay.py``) walks message headers itself on
+its hot path with the constants below; everything slower (login, admin console, internal
+queries) uses :class:`MessageReader` and the builders.
+
+Message layout: a one-byte type, a big-endian int32 length that counts itself but not the type
+byte, then the body. The startup phase has no type byte (length + body).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable, Iterator
+
+# Startup-phase request codes (the int32 after the length of an untyped packet).
+PROTOCOL_V3 = 196608  # 3.0
+CANCEL_REQUEST_CODE = 80877102
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+
+# Startup packets are small; PostgreSQL itself refuses anything over 10000 bytes.
+MAX_STARTUP_PACKET = 10000
+
+HEADER = struct.Struct("!cI")
+INT32 = struct.Struct("!I")
+INT16 = struct.Struct("!H")
+_LEN = struct.Struct("!I")
+
+# Frontend (client -> server) message types as byte values.
+F_QUERY = ord("Q")
+F_PARSE = ord("P")
+F_BIND = ord("B")
+F_DESCRIBE = ord("D")
+F_EXECUTE = ord("E")
+F_CLOSE = ord("C")
+F_SYNC = ord("S")
+F_FLUSH = ord("H")
+F_FUNCTION_CALL = ord("F")
+F_TERMINATE = ord("X")
+F_COPY_DATA = ord("d")
+F_COPY_DONE = ord("c")
+F_COPY_FAIL = ord("f")
+F_PASSWORD = ord("p")  # also SASLInitialResponse / SASLResponse
+
+# Backend (server -> client) message types.
+B_AUTH = ord("R")
+B_PARAMETER_STATUS = ord("S")
+B_BACKEND_KEY = ord("K")
+B_READY = ord("Z")
+B_ERROR = ord("E")
+B_NOTICE = ord("N")
+B_COPY_IN = ord("G")
+B_COPY_OUT = ord("H")
+B_COPY_BOTH = ord("W")
+B_NEGOTIATE = ord("v")
+
+# Authentication request codes inside 'R'.
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+# Type OIDs used by the admin console's RowDescription.
+OID_INT4 = 23
+OID_INT8 = 20
+OID_NUMERIC = 1700
+OID_TEXT = 25
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a valid message where one was expected."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class MessageReader:
+    """Accumulates bytes and yields whole messages; for the slow paths only.
+
+    ``startup`` readers expect untyped packets (length + body); the others typed messages.
+    """
+
+    __slots__ = ("buf", "startup", "max_size")
+
+    def __init__(self, *, startup: bool = False, max_size: int = 0x7FFFFFFF) -> None:
+        self.buf = bytearray()
+        self.startup = startup
+        self.max_size = max_size
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self.buf += data
+
+    def next(self) -> tuple[int, bytes] | None:
+        """Return ``(type, body)`` of the next complete message or None; type is 0 for startup."""
+        buf = self.buf
+        if self.startup:
+            if len(buf) < 4:
+                return None
+            (length,) = _LEN.unpack_from(buf, 0)
+            if length < 8 or length > MAX_STARTUP_PACKET:
+                raise ProtocolError("bad startup packet length %d" % length)
+            if len(buf) < length:
+                return None
+            body = bytes(buf[4:length])
+            del buf[:length]
+            return 0, body
+        if len(buf) < 5:
+            return None
+        mtype = buf[0]
+        (length,) = _LEN.unpack_from(buf, 1)
+        if length < 4 or length > self.max_size:
+            raise ProtocolError("bad message length %d for type %r" % (length, chr(mtype)))
+        end = 1 + length
+        if len(buf) < end:
+            return None
+        body = bytes(buf[5:end])
+        del buf[:end]
+        return mtype, body
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        while (msg := self.next()) is not None:
+            yield msg
+
+
+def parse_startup(body: bytes) -> tuple[int, dict[str, str] | tuple[int, int]]:
+    """Decode an untyped startup-phase packet body (after the length).
+
+    Returns ``(code, params)`` for a v3 StartupMessage, ``(CANCEL_REQUEST_CODE, (pid, key))``
+    for a CancelRequest, and ``(code, {})`` for SSL/GSSENC requests and unknown versions.
+    """
+    if len(body) < 4:
+        raise ProtocolError("startup packet too short")
+    (code,) = INT32.unpack_from(body, 0)
+    if code == CANCEL_REQUEST_CODE:
+        if len(body) != 12:
+            raise ProtocolError("bad cancel request length")
+        pid, key = struct.unpack_from("!II", body, 4)
+        return code, (pid, key)
+    if code != PROTOCOL_V3:
+        return code, {}
+    params: dict[str, str] = {}
+    parts = body[4:].split(b"\x00")
+    # A well-formed list ends with an empty name followed by the split's trailing empty item.
+    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
+        raise ProtocolError("startup packet is not NUL terminated")
+    items = parts[:-2]
+    if len(items) % 2:
+        raise ProtocolError("startup packet has an odd number of strings")
+    for i in range(0, len(items), 2):
+        try:
+            params[items[i].decode()] = items[i + 1].decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("startup parameter is not valid UTF-8") from exc
+    return code, params
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """Decode an ErrorResponse/NoticeResponse body into ``{field_code: value}``."""
+    fields: dict[str, str] = {}
+    for part in body.split(b"\x00"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+def parse_parameter_status(body: bytes | memoryview) -> tuple[str, str]:
+    name, value, _ = bytes(body).split(b"\x00", 2)
+    return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
+
+
+def parse_cstring(body: bytes, offset: int = 0) -> tuple[str, int]:
+    """Return the NUL-terminated string at ``offset`` and the offset after its NUL."""
+    end = body.index(b"\x00", offset)
+    return body[offset:end].decode("utf-8", "replace"), end + 1
+
+
+# --------------------------------------------------------------------------- building
+
+
+def message(mtype: bytes, body: bytes = b"") -> bytes:
+    return mtype + _LEN.pack(len(body) + 4) + body
+
+
+def _cstr(s: str) -> bytes:
+    return s.encode() + b"\x00"
+
+
+def startup_message(params: dict[str, str]) -> bytes:
+    body = INT32.pack(PROTOCOL_V3) + b"".join(_cstr(k) + _cstr(v) for k, v in params.items())
+    body += b"\x00"
+    return _LEN.pack(len(body) + 4) + body
+
+
+def cancel_request(pid: int, key: int) -> bytes:
+    return struct.pack("!IIII", 16, CANCEL_REQUEST_CODE, pid, key)
+
+
+def auth_request(code: int, data: bytes = b"") -> bytes:
+    return message(b"R", INT32.pack(code) + data)
+
+
+def auth_sasl(mechanisms: Iterable[str]) -> bytes:
+    return auth_request(AUTH_SASL, b"".join(_cstr(m) for m in mechanisms) + b"\x00")
+
+
+def password_message(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", _cstr(mechanism) + INT32.pack(len(data)) + data)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", _cstr(name) + _cstr(value))
+
+
+def backend_key_data(pid: int, key: int) -> bytes:
+    return message(b"K", struct.pack("!II", pid, key))
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", _cstr(sql))
+
+
+TERMINATE = message(b"X")
+
+
+def _fields(severity: str, sqlstate: str, text: str, detail: str | None) -> bytes:
+    body = b"S" + _cstr(severity) + b"V" + _cstr(severity) + b"C" + _cstr(sqlstate)
+    body += b"M" + _cstr(text)
+    if detail:
+        body += b"D" + _cstr(detail)
+    return body + b"\x00"
+
+
+def error_response(
+    text: str, sqlstate: str = "08P01", severity: str = "FATAL", detail: str | None = None
+) -> bytes:
+    return message(b"E", _fields(severity, sqlstate, text, detail))
+
+
+def notice_response(text: str, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
+    return message(b"N", _fields(severity, sqlstate, text, None))
+
+
+def row_description(columns: Iterable[tuple[str, int]]) -> bytes:
+    cols = list(columns)
+    body = INT16.pack(len(cols))
+    for name, oid in cols:
+        # table oid, column no, type oid, type size, type modifier, format (text)
+        body += _cstr(name) + struct.pack("!IhIhih", 0, 0, oid, -1, -1, 0)
+    return message(b"T", body)
+
+
+def data_row(values: Iterable[object]) -> bytes:
+    vals = list(values)
+    body = INT16.pack(len(vals))
+    for v in vals:
+        if v is None:
+            body += b"\xff\xff\xff\xff"
+        else:
+            raw = str(v).encode()
+            body += INT32.pack(len(raw)) + raw
+    return message(b"D", body)
+
+
+def command_complete(tag: str) -> bytes:
+    return message(b"C", _cstr(tag))
+
+
+EMPTY_QUERY_RESPONSE = message(b"I")
+
+
+# --------------------------------------------------------------------------- stream scanning
+#
+# The relay forwards whole chunks as they arrive and only *observes* them through these
+# scanners: they keep the framing state across chunk boundaries and count the facts that decide
+# when a server may be released. No object is built per message; a message body is copied only
+# when it is both interesting (ReadyForQuery, ParameterStatus) and split across two chunks.
+
+
+class _Scanner:
+    """Message framing across chunks, shared by both directions."""
+
+    __slots__ = ("remaining", "head", "mtype", "body", "max_size")
+
+    #: message types whose body the subclass needs; others are reported by type only
+    WANT_BODY: bytes = b""
+
+    def __init__(self, max_size: int = 0x7FFFFFFF) -> None:
+        self.remaining = 0  # body bytes of the current message not yet seen
+        self.head = b""  # a header split across chunks
+        self.mtype = 0
+        self.body: bytearray | None = None
+        self.max_size = max_size
+
+    def at_boundary(self) -> bool:
+        """True when no message is half-way through (safe to switch servers)."""
+        return self.remaining == 0 and not self.head
+
+    def feed(self, buf: bytearray | memoryview, n: int) -> None:
+        """Observe ``buf[:n]``; calls ``_message`` once per message, in stream order."""
+        pos = 0
+        want = self.WANT_BODY
+        on_message = self._message
+        while pos < n:
+            if self.remaining:
+                take = self.remaining if self.remaining <= n - pos else n - pos
+                if self.body is not None:
+                    self.body += buf[pos : pos + take]
+                pos += take
+                self.remaining -= take
+                if self.remaining == 0 and self.body is not None:
+                    body, self.body = self.body, None
+                    on_message(self.mtype, body, 0, len(body))
+                continue
+            if self.head or n - pos < 5:
+                take = min(5 - len(self.head), n - pos)
+                self.head += bytes(buf[pos : pos + take])
+                pos += take
+                if len(self.head) < 5:
+                    return
+                mtype = self.head[0]
+                (length,) = _LEN.unpack_from(self.head, 1)
+                self.head = b""
+                self._check(mtype, length)
+                self._start(mtype, length - 4, want)
+                continue
+            mtype = buf[pos]
+            (length,) = _LEN.unpack_from(buf, pos + 1)
+            end = pos + 1 + length
+            if end <= n and length >= 4:
+                if length > self.max_size:
+                    self._check(mtype, length)
+                on_message(mtype, buf, pos + 5, end)
+                pos = end
+                continue
+            self._check(mtype, length)
+            pos += 5
+            self._start(mtype, length - 4, want)
+
+    def _start(self, mtype: int, body_len: int, want: bytes) -> None:
+        """A message whose body continues past this chunk (or is empty after a split header)."""
+        self.mtype = mtype
+        if body_len == 0:
+            self._message(mtype, b"", 0, 0)
+            return
+        self.remaining = body_len
+        if mtype in want:
+            self.body = bytearray()
+        else:
+            # Types are still reported at their start; bodies of uninteresting ones are skipped.
+            self._message(mtype, b"", 0, -1)
+
+    def _check(self, mtype: int, length: int) -> None:
+        if length < 4 or length > self.max_size:
+            raise ProtocolError("invalid packet length %d (type %r)" % (length, chr(mtype)))
+
+    def _message(self, mtype: int, buf, start: int, end: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class FrontendScanner(_Scanner):
+    """Client -> server stream: what will the server answer with a ReadyForQuery?
+
+    ``syncs`` counts Query, Sync and FunctionCall messages (each gets exactly one
+    ReadyForQuery, except Syncs sent during COPY IN, which the server ignores: see
+    :meth:`copy_in_started`). ``ext_open`` is true while extended-protocol messages wait for
+    their Sync: the server holds an unnamed statement or portal for this client then.
+    """
+
+    __slots__ = ("syncs", "ext_open", "syncs_since_exec", "copy_in", "terminate", "simple_queries")
+
+    def __init__(self, max_size: int = 0x7FFFFFFF) -> None:
+        super().__init__(max_size)
+        self.syncs = 0
+        self.ext_open = False
+        self.syncs_since_exec = 0
+        self.copy_in = False
+        self.terminate = False
+        self.simple_queries = 0
+
+    def _message(self, mtype: int, buf, start: int, end: int) -> None:
+        if mtype == F_QUERY:
+            self.syncs += 1
+            self.syncs_since_exec = 0
+            self.simple_queries += 1
+        elif mtype == F_SYNC:
+            self.ext_open = False
+            if not self.copy_in:
+                self.syncs += 1
+                self.syncs_since_exec += 1
+        elif mtype == F_COPY_DATA:
+            pass
+        elif mtype == F_EXECUTE:
+            self.ext_open = True
+            self.syncs_since_exec = 0
+        elif mtype in _EXTENDED:
+            if not (mtype == F_FLUSH and self.copy_in):
+                self.ext_open = True
+        elif mtype == F_COPY_DONE or mtype == F_COPY_FAIL:
+            self.copy_in = False
+        elif mtype == F_FUNCTION_CALL:
+            self.syncs += 1
+        elif mtype == F_TERMINATE:
+            self.terminate = True
+        else:
+            raise ProtocolError("unknown client message type %r" % chr(mtype))
+
+    def copy_in_started(self) -> int:
+        """The server entered COPY IN: return how many counted Syncs it will ignore."""
+        self.copy_in = True
+        ignored = self.syncs_since_exec
+        self.syncs -= ignored
+        self.syncs_since_exec = 0
+        return ignored
+
+
+_EXTENDED = frozenset((F_PARSE, F_BIND, F_DESCRIBE, F_CLOSE, F_FLUSH))
+
+
+class BackendScanner(_Scanner):
+    """Server -> client stream: ReadyForQuery statuses, ParameterStatus, COPY IN starts.
+
+    ``rfq`` counts ReadyForQuery messages, ``rfq_idle`` those with status 'I' (a transaction
+    ended), ``status`` is the last status byte. ``params`` collects ParameterStatus reports
+    and ``copy_in`` counts CopyInResponse messages; the relay drains both.
+    """
+
+    __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in")
+
+    WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rfq = 0
+        self.rfq_idle = 0
+        self.status = 73  # 'I'
+        self.params: list[tuple[str, str]] | None = None
+        self.copy_in = 0
+
+    def _message(self, mtype: int, buf, start: int, end: int) -> None:
+        if mtype == B_READY:
+            if end - start != 1:
+                raise ProtocolError("bad ReadyForQuery")
+            status = buf[start]
+            self.status = status
+            self.rfq += 1
+            if status == 73:
+                self.rfq_idle += 1
+        elif mtype == B_PARAMETER_STATUS:
+            if end >= 0:
+                pair = parse_parameter_status(buf[start:end])
+                if self.params is None:
+                    self.params = [pair]
+                else:
+                    self.params.append(pair)
+        elif mtype == B_COPY_IN:
+            self.copy_in += 1

@@ -1,0 +1,480 @@
+"""Client and server connections after login: the relay, pgherd's hot path.
+
+Design (see DESIGN.md "Hot path"): no greenlet per connection and no object per message. Each
+connection has a read watcher on the worker's event loop whose callback reads into ONE shared
+buffer, lets a scanner (``proto``) observe the message headers, and forwards the chunk with one
+``send``. If the peer cannot take it all, the rest is kept on the connection and the source
+stops being read until the peer drains (PgBouncer's sbuf back-pressure). Callbacks run in the
+hub and never block; anything that has to wait (logins) runs in a greenlet elsewhere.
+
+Where a transaction ends: :meth:`Server.on_read` — a ReadyForQuery with status 'I', no reply
+outstanding (``Server.expect``), no extended-protocol message waiting for its Sync and no COPY
+in progress releases the server to its pool (transaction and statement mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Callable
+
+from . import proto
+from .proto import BackendScanner, FrontendScanner, MessageReader, ProtocolError
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .worker import Worker
+
+log = logging.getLogger("pgherd")
+
+BUF_SIZE = 256 * 1024
+# One buffer for the whole worker: callbacks run one at a time, and a chunk is forwarded (or
+# copied into the connection's backlog) before the callback returns.
+_BUF = bytearray(BUF_SIZE)
+_MV = memoryview(_BUF)
+
+_monotonic = time.monotonic
+
+SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
+STATUS_IDLE = 73  # ReadyForQuery 'I'
+
+
+class Conn:
+    """What clients and servers share: a non-blocking socket, watchers, an output backlog."""
+
+    __slots__ = ("worker", "sock", "fd", "rw", "ww", "out", "closed", "addr", "port",
+                 "local_addr", "local_port", "connect_time", "id", "__weakref__")
+
+    def __init__(self, worker: Worker, sock: socket.socket, cid: int = 0) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.fd = sock.fileno()
+        loop = worker.loop
+        self.rw = loop.io(self.fd, 1)
+        self.ww = loop.io(self.fd, 2)
+        self.out: bytearray | None = None
+        self.closed = False
+        self.connect_time = time.time()
+        self.id = cid or worker.next_id()
+        self.addr, self.port = _peer(sock)
+        self.local_addr, self.local_port = _peer(sock, local=True)
+
+    def write(self, data: bytes | memoryview) -> bool:
+        """Send or queue ``data``; True when it all left. Queuing stops the peer's reading."""
+        if self.out is not None:
+            self.out += data
+            return False
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.on_io_error(exc)
+            return False
+        if sent == len(data):
+            return True
+        self.out = bytearray(data[sent:])
+        self.ww.start(self._on_writable)
+        self.pause_peer()
+        return False
+
+    def _on_writable(self) -> None:
+        try:
+            out = self.out
+            if out:
+                sent = self.sock.send(out)
+                del out[:sent]
+                if out:
+                    return
+            self.out = None
+            self.ww.stop()
+            self.drained()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.on_io_error(exc)
+        except Exception:  # a bug must cost one connection, never the worker
+            log.exception("internal error while writing")
+            self.on_io_error(None)
+
+    def stop_io(self) -> None:
+        self.rw.stop()
+        self.ww.stop()
+        self.rw.close()
+        self.ww.close()
+
+    # Subclass hooks.
+    def pause_peer(self) -> None:
+        raise NotImplementedError
+
+    def drained(self) -> None:
+        raise NotImplementedError
+
+    def on_io_error(self, exc: OSError | None) -> None:
+        raise NotImplementedError
+
+
+def _peer(sock: socket.socket, local: bool = False) -> tuple[str, int]:
+    try:
+        name = sock.getsockname() if local else sock.getpeername()
+    except OSError:
+        return "", 0
+    if isinstance(name, tuple):
+        return name[0], name[1]
+    return "unix", 0
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class Client(Conn):
+    """A logged-in client connection (login itself is ``workers/login.py``)."""
+
+    __slots__ = ("pool", "server", "fs", "params", "cancel_key", "user", "dbname", "state",
+                 "pending", "pending_syncs", "request_time", "wait_started", "login_time",
+                 "mode")
+
+    def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
+                 params: dict[str, str], user: str, dbname: str, cid: int) -> None:
+        super().__init__(worker, sock, cid)
+        self.pool = pool
+        self.server: Server | None = None
+        self.fs = FrontendScanner(worker.settings.max_packet_size)
+        self.params = params  # tracked parameter values this client expects
+        self.cancel_key: tuple[int, int] = (0, 0)
+        self.user = user
+        self.dbname = dbname
+        self.state = "active"  # active | waiting | closed
+        self.pending: bytes | None = None  # a request read while no server was linked
+        self.pending_syncs = 0  # what ``pending`` will be answered with, in ReadyForQuery
+        self.request_time = 0.0
+        self.wait_started = 0.0
+        self.login_time = _monotonic()
+        self.mode = pool.mode
+
+    def start(self) -> None:
+        """Login is done: from now on the event loop drives this client."""
+        self.rw.start(self.on_read)
+
+    def on_read(self) -> None:
+        try:
+            n = self.sock.recv_into(_BUF, BUF_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.disconnect("client read failed: %s" % exc.strerror)
+            return
+        try:
+            if n == 0:
+                self.disconnect("client unexpected eof")
+                return
+            self._relay(n)
+        except ProtocolError as exc:
+            self.disconnect(str(exc), error=str(exc))
+        except Exception:
+            log.exception("internal error on client C-%d", self.id)
+            self.disconnect("internal error", error="internal error")
+
+    def _relay(self, n: int) -> None:
+        fs = self.fs
+        syncs = fs.syncs
+        queries = fs.simple_queries
+        fs.feed(_BUF, n)
+        if fs.terminate:
+            self.disconnect("client close request", clean=True)
+            return
+        if fs.simple_queries != queries and self.worker.settings.disable_pqexec:
+            self.disconnect("PQexec disallowed", error="PQexec disallowed")
+            return
+        server = self.server
+        now = _monotonic()
+        if server is None:
+            self.request_time = now
+            self.pending = bytes(_MV[:n])
+            self.pending_syncs = fs.syncs - syncs
+            self.rw.stop()
+            self.pool.assign(self)
+            return
+        server.forward(_MV[:n], fs.syncs - syncs, now)
+
+    def resume(self) -> None:
+        """A server is linked and ready: forward the parked request and read on."""
+        server = self.server
+        if server is None or self.closed:
+            return
+        now = _monotonic()
+        if self.wait_started:
+            self.pool.stats.wait_time += int((now - self.wait_started) * 1e6)
+            self.wait_started = 0.0
+        data, self.pending = self.pending, None
+        if data:
+            server.forward(data, self.pending_syncs, now)
+        if not self.closed and server.out is None:
+            self.rw.start(self.on_read)
+
+    # Back-pressure: a slow client stops its server's reading and vice versa.
+    def pause_peer(self) -> None:
+        if self.server is not None:
+            self.server.rw.stop()
+
+    def drained(self) -> None:
+        server = self.server
+        if server is None:
+            return
+        server.rw.start(server.on_read)
+        if server.release_on_drain:
+            server.release_on_drain = False
+            self.pool.release(server)
+
+    def on_io_error(self, exc: OSError | None) -> None:
+        self.disconnect("client write failed: %s" % (exc.strerror if exc else "internal error"))
+
+    def send_error(self, text: str, sqlstate: str = "08P01", severity: str = "FATAL") -> None:
+        """Best effort: a closing client may not read it, and must not block us."""
+        try:
+            self.sock.send(proto.error_response(text, sqlstate, severity))
+        except OSError:
+            pass
+
+    def disconnect(self, reason: str, error: str | None = None, clean: bool = False,
+                   sqlstate: str = "08P01") -> None:
+        """Close this client; its server is released if clean, closed otherwise."""
+        if self.closed:
+            return
+        self.closed = True
+        if error is not None:
+            self.send_error(error, sqlstate)
+            if self.worker.settings.log_pooler_errors:
+                log.warning("%s pooler error: %s", self.label(), error)
+        self.stop_io()
+        self.sock.close()
+        server = self.server
+        if server is not None:
+            server.release_on_drain = False
+            if server.clean_for_release():
+                self.pool.release(server)
+            else:
+                server.close("client disconnect while server was not ready")
+        self.pool.client_gone(self)
+        self.worker.client_gone(self)
+        self.state = "closed"
+        if self.worker.settings.log_disconnections:
+            log.info("%s closing because: %s (age=%ds)", self.label(), reason,
+                     int(_monotonic() - self.login_time))
+
+    def label(self) -> str:
+        return "C-%d: %s/%s@%s:%d" % (self.id, self.dbname, self.user, self.addr, self.port)
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class Server(Conn):
+    """A server connection that finished login, owned by one pool of this worker."""
+
+    __slots__ = ("pool", "client", "bs", "params", "backend_pid", "backend_key", "state",
+                 "expect", "release_on_drain", "close_needed", "last_used", "link_time",
+                 "query_start", "xact_start", "internal", "reader", "internal_error",
+                 "target", "born")
+
+    def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
+                 params: dict[str, str], backend_pid: int, backend_key: int,
+                 target: tuple) -> None:
+        super().__init__(worker, sock)
+        self.pool = pool
+        self.client: Client | None = None
+        self.bs = BackendScanner()
+        self.params = params  # every ParameterStatus this server reported, latest value
+        self.backend_pid = backend_pid
+        self.backend_key = backend_key
+        self.target = target  # where it is connected, for cancel requests
+        self.state = "idle"  # idle | active | used | tested
+        self.expect = 0  # ReadyForQuery messages still owed for forwarded requests
+        self.release_on_drain = False
+        self.close_needed = False
+        now = _monotonic()
+        self.born = now
+        self.last_used = now
+        self.link_time = 0.0
+        self.query_start = 0.0
+        self.xact_start = 0.0
+        self.internal: Callable[[Server, dict[str, str] | None], None] | None = None
+        self.reader: MessageReader | None = None
+        self.internal_error: dict[str, str] | None = None
+
+    def start(self) -> None:
+        # An idle server is watched too: that is how a backend's death or an admin's
+        # pg_terminate_backend is noticed before the server is handed out.
+        self.rw.start(self.on_read)
+
+    def forward(self, data: bytes | memoryview, syncs: int, now: float) -> None:
+        """Client -> server. Opens the query/transaction clocks when the server was idle."""
+        if self.expect == 0:
+            self.query_start = now
+            if self.bs.status == STATUS_IDLE and not self.xact_start:
+                self.xact_start = now
+        self.expect += syncs
+        self.pool.stats.recv_bytes += len(data)
+        self.write(data)
+
+    def on_read(self) -> None:
+        try:
+            n = self.sock.recv_into(_BUF, BUF_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close("server conn crashed? (%s)" % exc.strerror, client_error="server conn crashed?")
+            return
+        try:
+            if n == 0:
+                self.close("server conn crashed?", client_error="server conn crashed?")
+            elif self.internal is not None:
+                self._internal_read(n)
+            elif self.client is None:
+                self._unexpected(n)
+            else:
+                self._relay(n)
+        except ProtocolError as exc:
+            self.close("bad packet from server: %s" % exc, client_error="server conn crashed?")
+        except Exception:
+            log.exception("internal error on server S-%d", self.id)
+            self.close("internal error", client_error="server conn crashed?")
+
+    def _relay(self, n: int) -> None:
+        client = self.client
+        bs = self.bs
+        rfq = bs.rfq
+        rfq_idle = bs.rfq_idle
+        bs.feed(_BUF, n)
+        if bs.params is not None:
+            self._take_params(bs.params, client)
+            bs.params = None
+        if bs.copy_in:
+            bs.copy_in = 0
+            self.expect -= client.fs.copy_in_started()
+        z = bs.rfq - rfq
+        stats = self.pool.stats
+        stats.sent_bytes += n
+        if not z:
+            client.write(_MV[:n])
+            return
+        idle = bs.rfq_idle - rfq_idle
+        if client.mode == STATEMENT and idle != z:
+            client.disconnect("transaction blocks not allowed in statement pooling mode",
+                              error="transaction blocks not allowed in statement pooling mode")
+            return
+        # Account before writing: a write error tears the client down, and its server must
+        # then be judged on the state after this chunk.
+        now = _monotonic()
+        self.expect -= z
+        stats.query_count += z
+        stats.query_time += int((now - self.query_start) * 1e6)
+        self.query_start = now
+        if idle:
+            stats.xact_count += idle
+            if self.xact_start:
+                stats.xact_time += int((now - self.xact_start) * 1e6)
+            self.xact_start = 0.0
+        sent = client.write(_MV[:n])
+        if client.mode != SESSION and self.client is client and self.clean_for_release():
+            if sent:
+                self.pool.release(self)
+            else:
+                self.release_on_drain = True
+
+    def clean_for_release(self) -> bool:
+        """At a transaction boundary with nothing in flight in either direction."""
+        client = self.client
+        return (self.expect <= 0 and self.bs.status == STATUS_IDLE and self.internal is None
+                and self.out is None and self.bs.at_boundary()
+                and (client is None or (not client.fs.ext_open and not client.fs.copy_in
+                                        and client.fs.at_boundary())))
+
+    def _take_params(self, params: list[tuple[str, str]], client: Client | None) -> None:
+        tracked = self.worker.tracked
+        for name, value in params:
+            self.params[name] = value
+            if client is not None and tracked.canonical(name) is not None:
+                client.params[name] = value
+
+    def _unexpected(self, n: int) -> None:
+        # Idle servers only speak to announce their end (FATAL, then EOF); never hand those out.
+        reader = MessageReader()
+        reader.feed(_MV[:n])
+        text = "server sent data while idle"
+        for mtype, body in reader:
+            if mtype == proto.B_ERROR:
+                text = "server error while idle: " + proto.parse_fields(body).get("M", "")
+            elif mtype == proto.B_PARAMETER_STATUS:
+                name, value = proto.parse_parameter_status(body)
+                self.params[name] = value
+                continue
+            elif mtype == proto.B_NOTICE:
+                continue
+            self.close(text)
+            return
+
+    # -- internal queries (server_check_query, tracked-parameter SETs, reset query) ---------
+
+    def run_internal(self, sql: str,
+                     done: Callable[[Server, dict[str, str] | None], None]) -> None:
+        """Run ``sql`` on this server for pgherd itself; ``done(server, error_fields)`` after."""
+        self.internal = done
+        self.internal_error = None
+        self.reader = MessageReader()
+        self.write(proto.query(sql))
+
+    def _internal_read(self, n: int) -> None:
+        reader = self.reader
+        reader.feed(_MV[:n])
+        for mtype, body in reader:
+            if mtype == proto.B_READY:
+                done = self.internal
+                self.internal = None
+                self.reader = None
+                self.bs.status = body[0] if body else STATUS_IDLE
+                done(self, self.internal_error)
+                return
+            if mtype == proto.B_PARAMETER_STATUS:
+                name, value = proto.parse_parameter_status(body)
+                self.params[name] = value
+            elif mtype == proto.B_ERROR:
+                self.internal_error = proto.parse_fields(body)
+
+    # -- back-pressure and teardown ----------------------------------------------------------
+
+    def pause_peer(self) -> None:
+        if self.client is not None:
+            self.client.rw.stop()
+
+    def drained(self) -> None:
+        client = self.client
+        if client is not None and client.pending is None and not client.closed:
+            client.rw.start(client.on_read)
+
+    def on_io_error(self, exc: OSError | None) -> None:
+        self.close("server write failed: %s" % (exc.strerror if exc else "internal error"),
+                   client_error="server conn crashed?")
+
+    def close(self, reason: str, client_error: str | None = None) -> None:
+        """Close this server; a linked client cannot continue without it and is closed too."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.internal is None and self.out is None:
+            try:
+                self.sock.send(proto.TERMINATE)
+            except OSError:
+                pass
+        self.stop_io()
+        self.sock.close()
+        client, self.client = self.client, None
+        if self.worker.settings.log_disconnections:
+            log.info("S-%d: %s/%s@%s:%d closing because: %s (age=%ds)", self.id,
+                     self.pool.dbname, self.pool.user, self.addr, self.port, reason,
+                     int(_monotonic() - self.born))
+        self.pool.server_gone(self)
+        if client is not None:
+            client.server = None
+            client.disconnect(reason, error=client_error or reason)

@@ -1,0 +1,283 @@
+"""A worker process: its gevent hub, its listeners, its pools, clients and housekeeping.
+
+``run()`` is what the master calls in a freshly forked child. The master imports no gevent,
+so the hub is created here, after the fork, and no ``gevent.reinit()`` is needed.
+
+Where a signal is handled in a worker: :meth:`Worker._install_signals` — SIGTERM waits for
+clients to leave (PgBouncer's WAIT_FOR_CLIENTS), SIGINT for servers to be released
+(WAIT_FOR_SERVERS), SIGQUIT exits at once. The master relays these; workers never decide
+on their own to stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, NoReturn
+
+import gevent
+import gevent.event
+import msgspec
+
+from ipc import shm
+
+from .limits import Limits
+from .login import client_login, forward_cancel
+from .pool import Pool
+from .relay import Client
+from .varcache import Tracked
+
+if TYPE_CHECKING:
+    from prefork.config import Config, Database
+
+log = logging.getLogger("pgherd")
+_monotonic = time.monotonic
+
+HOUSEKEEPING_PERIOD = 0.25  # janitor + heartbeat, seconds
+ACCEPT_BATCH = 32  # connections accepted per wakeup, so one burst cannot starve the relay
+PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    """Everything one worker process owns."""
+
+    def __init__(self, slot: int, config: Config, segment: shm.Segment,
+                 listeners: list[socket.socket]) -> None:
+        self.slot = slot
+        self.segment = segment
+        self.listeners = listeners
+        self.loop = gevent.get_hub().loop
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: dict[int, Client] = {}
+        self.cancel_keys: dict[tuple[int, int], Client] = {}
+        self.auto_databases: dict[str, Database] = {}
+        self.logins = 0
+        self.draining = False
+        self.limits = Limits(self)
+        self._ids = itertools.count(1)
+        self._hosts: dict[str, itertools.count] = {}
+        self._accepting: list = []
+        self.stopped = gevent.event.Event()
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.tracked = Tracked(config.settings.track_extra_parameters)
+
+    # ------------------------------------------------------------------ lookups and ids
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def next_host_index(self, dbname: str) -> int:
+        counter = self._hosts.get(dbname)
+        if counter is None:
+            counter = self._hosts[dbname] = itertools.count()
+        return next(counter)
+
+    def database(self, name: str) -> Database | None:
+        db = self.config.databases.get(name)
+        if db is not None:
+            return db
+        db = self.auto_databases.get(name)
+        if db is None and "*" in self.config.databases:
+            db = msgspec.structs.replace(self.config.databases["*"], name=name)
+            self.auto_databases[name] = db
+            log.info("registered new auto-database: db=%s", name)
+        return db
+
+    def pool_for(self, db: Database, user: str) -> Pool:
+        key = (db.name, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            password = db.password or self.config.userlist.get(user)
+            pool = self.pools[key] = Pool(self, db, user, password)
+        return pool
+
+    def client_count(self) -> int:
+        return self.logins + len(self.clients)
+
+    # ------------------------------------------------------------------ clients
+
+    def new_cancel_key(self, client: Client) -> tuple[int, int]:
+        # The worker slot rides in the top bits of the key's first half, so a CancelRequest
+        # that the kernel hands to another worker can be routed back here.
+        while True:
+            key = ((self.slot << 24) | secrets.randbits(24), secrets.randbits(32))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                return key
+
+    def client_ready(self, client: Client) -> None:
+        self.clients[client.id] = client
+        client.pool.clients.add(client)
+
+    def client_gone(self, client: Client) -> None:
+        self.clients.pop(client.id, None)
+        self.cancel_keys.pop(client.cancel_key, None)
+
+    def cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest: forward it to the backend serving that client's query, if any."""
+        client = self.cancel_keys.get((pid, key))
+        if client is None:
+            log.info("cancel request for unknown key, ignored")
+            return
+        server = client.server
+        if server is None or server.expect <= 0 or server.internal is not None:
+            # PgBouncer: never cancel whatever a reused server may be running by now.
+            log.info("%s cancel request for idle client, ignored", client.label())
+            return
+        gevent.spawn(forward_cancel, self, server)
+
+    # ------------------------------------------------------------------ accepting
+
+    def start(self) -> None:
+        for lsock in self.listeners:
+            lsock.setblocking(False)
+            watcher = self.loop.io(lsock.fileno(), 1)
+            watcher.start(self._accept, lsock)
+            self._accepting.append(watcher)
+        timer = self.loop.timer(HOUSEKEEPING_PERIOD, HOUSEKEEPING_PERIOD)
+        timer.start(self._housekeeping)
+        self._timer = timer
+        self._install_signals()
+        self._publish(shm.READY)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        unix = lsock.family == socket.AF_UNIX
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept() failed: %s; pausing for a second", exc.strerror)
+                    self._pause_accepting(1.0)
+                return
+            sock.setblocking(False)
+            if unix:
+                text = "unix:%d" % self.settings.listen_port
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.settings.tcp_keepalive:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                text = "%s:%d" % (addr[0], addr[1])
+            gevent.spawn(client_login, self, sock, text, self.next_id())
+
+    def _pause_accepting(self, seconds: float) -> None:
+        for watcher in self._accepting:
+            watcher.stop()
+        gevent.spawn_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if not self.draining:
+            for watcher, lsock in zip(self._accepting, self.listeners):
+                watcher.start(self._accept, lsock)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _housekeeping(self) -> None:
+        now = _monotonic()
+        try:
+            for pool in list(self.pools.values()):
+                pool.janitor(now)
+        except Exception:
+            log.exception("janitor failed")
+        self._publish()
+
+    def _publish(self, state: int | None = None) -> None:
+        totals = dict.fromkeys(("xact_count", "query_count", "recv_bytes", "sent_bytes",
+                                "xact_time", "query_time", "wait_time", "client_login_count",
+                                "server_assignment_count"), 0)
+        servers = waiting = 0
+        for pool in self.pools.values():
+            st = pool.stats
+            for name in totals:
+                totals[name] += getattr(st, name)
+            servers += len(pool.servers)
+            waiting += len(pool.waiting)
+        fields = dict(totals, heartbeat_ns=time.monotonic_ns(), clients=len(self.clients),
+                      servers=servers, logins=self.logins, waiting=waiting)
+        if state is not None:
+            fields["state"] = state
+        self.segment.write(self.slot, **fields)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _install_signals(self) -> None:
+        gevent.signal_handler(signal.SIGTERM, self.shutdown, "clients")
+        gevent.signal_handler(signal.SIGINT, self.shutdown, "servers")
+        gevent.signal_handler(signal.SIGQUIT, self.exit_now)
+        # Reload arrives over the control channel; a stray SIGHUP must not kill a worker.
+        gevent.signal_handler(signal.SIGHUP, lambda: None)
+
+    def shutdown(self, wait_for: str) -> None:
+        """Stop accepting; exit once no client is left ("clients") or no server is in use."""
+        if self.draining:
+            self.exit_now()
+            return
+        self.draining = True
+        log.info("worker %d shutting down: waiting for %s", self.slot, wait_for)
+        for watcher in self._accepting:
+            watcher.stop()
+        for lsock in self.listeners:
+            lsock.close()
+        self._publish(shm.DRAINING)
+        gevent.spawn(self._drain, wait_for)
+
+    def _drain(self, wait_for: str) -> None:
+        while True:
+            if wait_for == "clients":
+                done = self.client_count() == 0
+            else:
+                done = not any(s.client is not None for p in self.pools.values()
+                               for s in p.servers)
+            if done:
+                break
+            gevent.sleep(0.05)
+        self.exit_now()
+
+    def exit_now(self) -> None:
+        for client in list(self.clients.values()):
+            client.disconnect("server shutting down", error="server shutting down")
+        for pool in self.pools.values():
+            for server in list(pool.servers):
+                server.close("server shutting down")
+        self.stopped.set()
+
+
+def _die_with_parent(master_pid: int) -> None:
+    """No worker may outlive the master: the kernel kills us if it dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != master_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
+def run(slot: int, config: Config, segment: shm.Segment, listeners: list[socket.socket],
+        master_pid: int) -> NoReturn:
+    """Entry point of a worker process, called right after fork()."""
+    code = 0
+    try:
+        _die_with_parent(master_pid)
+        worker = Worker(slot, config, segment, listeners)
+        worker.start()
+        worker.stopped.wait()
+    except BaseException:
+        log.exception("worker %d failed", slot)
+        code = 70
+    finally:
+        logging.shutdown()
+    os._exit(code)
