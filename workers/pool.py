@@ -88,64 +88,79 @@ class Pool:
 
     # -------------------------------------------------------------------- hand-outs
 
-    def assign(self, client: Client) -> None:
-        """``client`` has a request parked; link it to a server now or queue it."""
+    def assign(self, client: Client) -> Server | None:
+        """``client`` has a request: return a server it can use right now, or None.
+
+        None means the client must park its request: it is queued, or a server is being
+        checked or aligned for it, and :meth:`Client.resume` will be called when it is linked.
+        """
         server = self._take_idle()
         if server is not None:
-            self.link(client, server)
-            return
+            return server if self._link(client, server) else None
         client.state = "waiting"
         client.wait_started = _monotonic()
         self.waiting.append(client)
         self.grow()
+        return None
 
     def _take_idle(self) -> Server | None:
         idle = self.idle
+        if not idle:
+            return None
         round_robin = self.worker.settings.server_round_robin
+        now = _monotonic()
         while idle:
             server = idle.popleft() if round_robin else idle.pop()
-            if not self._retire(server):
+            if not self._retire(server, now):
                 return server
         return None
 
-    def link(self, client: Client, server: Server) -> None:
+    def _link(self, client: Client, server: Server) -> bool:
+        """Link the pair; True when the server can take the request now.
+
+        False when a health check or a SET runs first; its completion resumes the client.
+        """
         client.server = server
         server.client = client
         client.state = "active"
         server.state = "active"
-        server.link_time = _monotonic()
+        now = server.link_time = _monotonic()
         self.stats.server_assignment_count += 1
         s = self.worker.settings
-        if (s.server_check_delay >= 0 and s.server_check_query
-                and server.link_time - server.last_used > s.server_check_delay):
+        if (s.server_check_query and s.server_check_delay >= 0
+                and now - server.last_used > s.server_check_delay):
             server.state = "tested"
             query = "" if s.server_check_query == "<empty>" else s.server_check_query
             server.run_internal(query, self._checked)
-            return
-        self._apply_params(server)
+            return False
+        return self._align(client, server)
+
+    def _align(self, client: Client, server: Server) -> bool:
+        """Bring the server's tracked parameters to the client's; True when none differ."""
+        if client.params_key == server.params_key:
+            return True
+        sql = server_set_query(client.params, server.params)
+        if sql is None:
+            return True
+        if self.worker.settings.verbose:
+            log.debug("S-%d: applying %s", server.id, sql)
+        server.run_internal(sql, self._aligned)
+        return False
 
     def _checked(self, server: Server, error: dict[str, str] | None) -> None:
+        client = server.client
         if error is None:
             server.state = "active"
-            self._apply_params(server)
+            if self._align(client, server):
+                client.resume()
             return
-        client = server.client
         server.client = None
         client.server = None
         server.close("server check query failed: %s" % error.get("M", ""))
-        self.assign(client)
-
-    def _apply_params(self, server: Server) -> None:
-        client = server.client
-        sql = server_set_query(client.params, server.params)
-        if sql is None:
+        if self.assign(client) is not None:
             client.resume()
-            return
-        if self.worker.settings.verbose:
-            log.debug("S-%d: applying %s", server.id, sql)
-        server.run_internal(sql, self._params_applied)
 
-    def _params_applied(self, server: Server, error: dict[str, str] | None) -> None:
+    def _aligned(self, server: Server, error: dict[str, str] | None) -> None:
         client = server.client
         if error is not None:
             server.close("invalid server parameter: %s" % error.get("M", ""),
@@ -155,16 +170,17 @@ class Pool:
         for name in client.params:
             if name in server.params:
                 client.params[name] = server.params[name]
+        client.params_changed()
         client.resume()
 
-    def release(self, server: Server) -> None:
+    def release(self, server: Server, now: float) -> None:
         """The linked client is done with ``server`` (transaction end or client gone)."""
         client = server.client
         if client is not None:
             client.server = None
             server.client = None
-        server.last_used = _monotonic()
-        if self._retire(server):
+        server.last_used = now
+        if self._retire(server, now):
             return
         s = self.worker.settings
         if s.server_reset_query and (self.mode == SESSION or s.server_reset_query_always):
@@ -182,16 +198,18 @@ class Pool:
     def give(self, server: Server) -> None:
         """A free server: to the client that waited longest, else to the idle list."""
         if self.waiting:
-            self.link(self.waiting.popleft(), server)
+            client = self.waiting.popleft()
+            if self._link(client, server):
+                client.resume()
             return
         server.state = "idle"
         self.idle.append(server)
 
-    def _retire(self, server: Server) -> bool:
+    def _retire(self, server: Server, now: float) -> bool:
         """Close ``server`` instead of reusing it when it is marked, too old or surplus."""
         if server.close_needed:
             server.close("database configuration changed")
-        elif self.lifetime and _monotonic() - server.born > self.lifetime:
+        elif self.lifetime and now - server.born > self.lifetime:
             server.close("server lifetime over")
         elif self.size and len(self.servers) > self.size + self.reserve:
             server.close("pool size reduced")

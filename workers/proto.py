@@ -294,6 +294,8 @@ class _Scanner:
 
     #: message types whose body the subclass needs; others are reported by type only
     WANT_BODY: bytes = b""
+    #: message types reported to ``_message`` at all (None: every type)
+    REPORT: frozenset | None = None
 
     def __init__(self, max_size: int = 0x7FFFFFFF) -> None:
         self.remaining = 0  # body bytes of the current message not yet seen
@@ -310,6 +312,7 @@ class _Scanner:
         """Observe ``buf[:n]``; calls ``_message`` once per message, in stream order."""
         pos = 0
         want = self.WANT_BODY
+        report = self.REPORT
         on_message = self._message
         while pos < n:
             if self.remaining:
@@ -340,7 +343,8 @@ class _Scanner:
             if end <= n and length >= 4:
                 if length > self.max_size:
                     self._check(mtype, length)
-                on_message(mtype, buf, pos + 5, end)
+                if report is None or mtype in report:
+                    on_message(mtype, buf, pos + 5, end)
                 pos = end
                 continue
             self._check(mtype, length)
@@ -356,8 +360,8 @@ class _Scanner:
         self.remaining = body_len
         if mtype in want:
             self.body = bytearray()
-        else:
-            # Types are still reported at their start; bodies of uninteresting ones are skipped.
+        elif self.REPORT is None or mtype in self.REPORT:
+            # Reported at their start; bodies of uninteresting ones are skipped.
             self._message(mtype, b"", 0, -1)
 
     def _check(self, mtype: int, length: int) -> None:
@@ -438,6 +442,7 @@ class BackendScanner(_Scanner):
     __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in")
 
     WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS))
+    REPORT = frozenset((B_READY, B_PARAMETER_STATUS, B_COPY_IN))
 
     def __init__(self) -> None:
         super().__init__()

@@ -131,9 +131,9 @@ def _peer(sock: socket.socket, local: bool = False) -> tuple[str, int]:
 class Client(Conn):
     """A logged-in client connection (login itself is ``workers/login.py``)."""
 
-    __slots__ = ("pool", "server", "fs", "params", "cancel_key", "user", "dbname", "state",
-                 "pending", "pending_syncs", "request_time", "wait_started", "login_time",
-                 "mode")
+    __slots__ = ("pool", "server", "fs", "params", "params_key", "cancel_key", "user", "dbname",
+                 "state", "pending", "pending_syncs", "request_time", "wait_started",
+                 "login_time", "mode")
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
                  params: dict[str, str], user: str, dbname: str, cid: int) -> None:
@@ -142,6 +142,7 @@ class Client(Conn):
         self.server: Server | None = None
         self.fs = FrontendScanner(worker.settings.max_packet_size)
         self.params = params  # tracked parameter values this client expects
+        self.params_key = worker.tracked.key(params)
         self.cancel_key: tuple[int, int] = (0, 0)
         self.user = user
         self.dbname = dbname
@@ -155,7 +156,11 @@ class Client(Conn):
 
     def start(self) -> None:
         """Login is done: from now on the event loop drives this client."""
+        self.params_changed()
         self.rw.start(self.on_read)
+
+    def params_changed(self) -> None:
+        self.params_key = self.worker.tracked.key(self.params)
 
     def on_read(self) -> None:
         try:
@@ -191,11 +196,13 @@ class Client(Conn):
         now = _monotonic()
         if server is None:
             self.request_time = now
-            self.pending = bytes(_MV[:n])
-            self.pending_syncs = fs.syncs - syncs
-            self.rw.stop()
-            self.pool.assign(self)
-            return
+            server = self.pool.assign(self)
+            if server is None:
+                # Parked until a server is linked and ready: see resume().
+                self.pending = bytes(_MV[:n])
+                self.pending_syncs = fs.syncs - syncs
+                self.rw.stop()
+                return
         server.forward(_MV[:n], fs.syncs - syncs, now)
 
     def resume(self) -> None:
@@ -225,7 +232,7 @@ class Client(Conn):
         server.rw.start(server.on_read)
         if server.release_on_drain:
             server.release_on_drain = False
-            self.pool.release(server)
+            self.pool.release(server, _monotonic())
 
     def on_io_error(self, exc: OSError | None) -> None:
         self.disconnect("client write failed: %s" % (exc.strerror if exc else "internal error"))
@@ -253,7 +260,7 @@ class Client(Conn):
         if server is not None:
             server.release_on_drain = False
             if server.clean_for_release():
-                self.pool.release(server)
+                self.pool.release(server, _monotonic())
             else:
                 server.close("client disconnect while server was not ready")
         self.pool.client_gone(self)
@@ -273,7 +280,8 @@ class Client(Conn):
 class Server(Conn):
     """A server connection that finished login, owned by one pool of this worker."""
 
-    __slots__ = ("pool", "client", "bs", "params", "backend_pid", "backend_key", "state",
+    __slots__ = ("pool", "client", "bs", "params", "params_key", "backend_pid", "backend_key",
+                 "state",
                  "expect", "release_on_drain", "close_needed", "last_used", "link_time",
                  "query_start", "xact_start", "internal", "reader", "internal_error",
                  "target", "born")
@@ -286,6 +294,7 @@ class Server(Conn):
         self.client: Client | None = None
         self.bs = BackendScanner()
         self.params = params  # every ParameterStatus this server reported, latest value
+        self.params_key = worker.tracked.key(params)
         self.backend_pid = backend_pid
         self.backend_key = backend_key
         self.target = target  # where it is connected, for cancel requests
@@ -379,7 +388,7 @@ class Server(Conn):
         sent = client.write(_MV[:n])
         if client.mode != SESSION and self.client is client and self.clean_for_release():
             if sent:
-                self.pool.release(self)
+                self.pool.release(self, now)
             else:
                 self.release_on_drain = True
 
@@ -392,11 +401,15 @@ class Server(Conn):
                                         and client.fs.at_boundary())))
 
     def _take_params(self, params: list[tuple[str, str]], client: Client | None) -> None:
+        """ParameterStatus while linked: a SET by the client changes both sides alike."""
         tracked = self.worker.tracked
         for name, value in params:
             self.params[name] = value
             if client is not None and tracked.canonical(name) is not None:
                 client.params[name] = value
+        self.params_key = tracked.key(self.params)
+        if client is not None:
+            client.params_changed()
 
     def _unexpected(self, n: int) -> None:
         # Idle servers only speak to announce their end (FATAL, then EOF); never hand those out.
@@ -409,6 +422,7 @@ class Server(Conn):
             elif mtype == proto.B_PARAMETER_STATUS:
                 name, value = proto.parse_parameter_status(body)
                 self.params[name] = value
+                self.params_key = self.worker.tracked.key(self.params)
                 continue
             elif mtype == proto.B_NOTICE:
                 continue
@@ -434,6 +448,7 @@ class Server(Conn):
                 self.internal = None
                 self.reader = None
                 self.bs.status = body[0] if body else STATUS_IDLE
+                self.params_key = self.worker.tracked.key(self.params)
                 done(self, self.internal_error)
                 return
             if mtype == proto.B_PARAMETER_STATUS:

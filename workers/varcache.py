@@ -19,11 +19,16 @@ BASE_TRACKED = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming
 class Tracked:
     """The tracked parameter names of one configuration, matched case-insensitively."""
 
-    __slots__ = ("by_lower",)
+    __slots__ = ("by_lower", "names")
 
     def __init__(self, extra: Iterable[str]) -> None:
         names = list(BASE_TRACKED) + [n for n in extra if n]
         self.by_lower = {n.lower(): n for n in names}
+        self.names = tuple(self.by_lower.values())
+
+    def key(self, params: Mapping[str, str]) -> tuple:
+        """The tracked values in a fixed order: equal keys need no SET (checked per link)."""
+        return tuple([params.get(n) for n in self.names])
 
     def canonical(self, name: str) -> str | None:
         """The reported spelling of a tracked parameter, or None when it is not tracked."""

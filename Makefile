@@ -1,0 +1,39 @@
+# The two commands of the README. Each installs what it needs: a virtualenv with pgherd and
+# its test tools, and PostgreSQL from apt when no initdb can be found.
+VENV    := .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+
+.PHONY: test demo bench deps postgres pgbouncer clean
+
+test: deps postgres
+	$(PY) -m pytest -n auto -p no:cacheprovider
+
+demo: deps postgres pgbouncer
+	$(VENV)/bin/pgherd bench --throwaway --workers 2 --clients 32 --duration 10 --select-only
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+# PostgreSQL (initdb, pg_ctl, pgbench, psql) for the throwaway clusters of tests and demo.
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL found"; \
+	else \
+		apt-get update && apt-get install -y postgresql; \
+	fi
+
+# PgBouncer for side-by-side numbers in the demo; the demo still runs without it.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
+		(apt-get install -y pgbouncer || (apt-get update && apt-get install -y pgbouncer)) || \
+		echo "pgbouncer could not be installed: the demo compares with PostgreSQL only"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache bench-results
