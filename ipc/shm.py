@@ -1,44 +1,56 @@
-"""The shared-memory segment: layout and accessors.
+"""The shared-memory segment: layout, accessors and the admission lock.
 
-An anonymous shared ``mmap`` created by the master before it forks, so every worker (and every
-respawned worker) maps the same pages; no name, nothing to clean up. Layout, at fixed offsets:
+A memfd created by the master before it forks, mapped shared, so every worker (and every
+respawned worker) sees the same pages. Layout, at fixed offsets:
 
-* header (64 bytes): magic, layout version, number of slots, master pid, config epoch;
-* one 256-byte slot per worker slot: written only by the worker that owns it (the master
-  writes a slot only while no worker process owns it: before a fork and after a reap).
+* header (64 bytes): magic, layout version, slots, rows, master pid, config epoch;
+* one 256-byte **worker slot** per worker slot (pid, heartbeat, state, client count, totals);
+* a **row table**: one row per pool ``(database, user)``, per database and per user. A row
+  has a header (its key, the master's *ghost* counters, one waiting flag byte per worker) and
+  one **cell** per worker with that worker's counts and stats for the row.
 
-Writers wrap each update in a seqlock (``seq`` odd while writing) so readers on other
-processes get consistent snapshots without locks: a reader retries when ``seq`` was odd or
-changed under it. Used for stats and liveness only — never for admission decisions.
+Single writer everywhere: a worker writes only its own slot, its own cells and its own waiting
+flag bytes; the master writes a slot or cell only while no worker owns it (before a fork,
+after a reap), and the ghost counters. Readers sum over workers. Slots are read under a seqlock
+(``seq`` odd while writing) for consistent snapshots.
+
+Admission (may a server connection or a client be added under a global limit?) must be a
+check-and-increment across processes. It runs under one byte-range **OFD lock** on the memfd
+(``fcntl(F_OFD_SETLK)``), taken without blocking — a busy lock is retried cooperatively by
+the caller — and released by the kernel if its holder dies, at any instant. Each process opens
+the memfd anew (``/proc/self/fd/N``) because OFD locks belong to an open file description and
+a description inherited across fork would be shared, i.e. not exclusive.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
+import zlib
 
 import msgspec
 
-MAGIC = b"PGHERD\x00\x01"
-LAYOUT_VERSION = 1
-MAX_WORKERS = 128
+MAGIC = b"PGHERD\x00\x02"
+LAYOUT_VERSION = 2
+MAX_WORKERS = 64
+MAX_ROWS = 1024
 
-_HEADER = struct.Struct("<8sIIQQ")
+_HEADER = struct.Struct("<8sIIIIQQ")
 HEADER_SIZE = 64
 SLOT_SIZE = 256
+_Q = struct.Struct("<Q")
 
-# Slot fields, in order; every one is an unsigned 64-bit integer.
+# ---------------------------------------------------------------- worker slots
+
 SLOT_FIELDS = (
     "seq", "pid", "generation", "state", "heartbeat_ns", "started_ns", "restarts",
-    "clients", "servers", "logins", "waiting",
-    "xact_count", "query_count", "recv_bytes", "sent_bytes", "xact_time", "query_time",
-    "wait_time", "client_login_count", "server_assignment_count",
+    "clients", "servers", "logins", "waiting", "epoch",
 )
 _SLOT = struct.Struct("<%dQ" % len(SLOT_FIELDS))
 assert _SLOT.size <= SLOT_SIZE
-_SEQ = struct.Struct("<Q")
-_FIELD_OFFSET = {name: i * 8 for i, name in enumerate(SLOT_FIELDS)}
+_SLOT_OFFSET = {name: i * 8 for i, name in enumerate(SLOT_FIELDS)}
 
 # Worker slot states.
 EMPTY, STARTING, READY, DRAINING = 0, 1, 2, 3
@@ -59,58 +71,149 @@ class WorkerSlot(msgspec.Struct, frozen=True):
     servers: int
     logins: int
     waiting: int
-    xact_count: int
-    query_count: int
-    recv_bytes: int
-    sent_bytes: int
-    xact_time: int
-    query_time: int
-    wait_time: int
-    client_login_count: int
-    server_assignment_count: int
+    epoch: int
+
+
+# ---------------------------------------------------------------- rows and cells
+
+#: Stats counters, PgBouncer's totals (bytes and microseconds).
+STAT_FIELDS = (
+    "server_assignment_count", "xact_count", "query_count", "recv_bytes", "sent_bytes",
+    "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count",
+    "bind_count", "client_login_count",
+)
+#: Per-worker state of a row. ``servers`` are open or opening server connections held;
+#: ``sent``/``received`` count servers handed to / taken from other workers (monotonic), so
+#: that a server in flight between two workers is still counted against the limits.
+CELL_FIELDS = (
+    "servers", "sent", "received", "sv_active", "sv_idle", "sv_used", "sv_tested",
+    "sv_login", "cl_active", "cl_waiting", "waiting_since_ns", "clients",
+) + STAT_FIELDS
+CELL_SIZE = 8 * len(CELL_FIELDS)
+_CELL = struct.Struct("<%dQ" % len(CELL_FIELDS))
+_CELL_OFFSET = {name: i * 8 for i, name in enumerate(CELL_FIELDS)}
+
+KEY_SIZE = 160
+GHOST_FIELDS = ("ghost_servers", "ghost_sent", "ghost_received") + tuple(
+    "ghost_" + f for f in STAT_FIELDS)
+_ROW_HEAD = struct.Struct("<Q%ds%dQ" % (KEY_SIZE, len(GHOST_FIELDS)))
+_GHOST_OFFSET = {name: 8 + KEY_SIZE + i * 8 for i, name in enumerate(GHOST_FIELDS)}
+_GHOSTS = struct.Struct("<3Q")  # ghost_servers, ghost_sent, ghost_received: adjacent
+FLAGS_OFFSET = (_ROW_HEAD.size + 7) // 8 * 8
+#: A pool's server defaults (ParameterStatus of its first login), msgpack, written once.
+WELCOME_OFFSET = FLAGS_OFFSET + MAX_WORKERS
+WELCOME_SIZE = 2048
+CELLS_OFFSET = WELCOME_OFFSET + 8 + WELCOME_SIZE
+
+# Row kinds, the first part of a row key.
+POOL, DATABASE, USER = "p", "d", "u"
+
+
+def row_key(kind: str, *names: str) -> bytes:
+    key = "\x00".join((kind,) + names).encode()
+    if len(key) > KEY_SIZE:
+        raise ValueError("name too long for the shared pool table: %r" % (names,))
+    return key
+
+
+class RowSnapshot(msgspec.Struct, frozen=True):
+    """One row summed over all workers (ghosts included), for the admin console and metrics."""
+
+    kind: str
+    names: tuple[str, ...]
+    totals: dict[str, int]
+    max_wait_ns: int  # oldest waiting_since_ns over workers, 0 when nobody waits
+
+
+class TableFull(Exception):
+    pass
+
+
+_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+_UNLOCK = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 1, 0)
 
 
 class Segment:
-    """The mapped segment; create it in the master, use it in every process."""
+    """The mapped segment; create it in the master, :meth:`attach` it in each worker."""
 
-    def __init__(self, mm: mmap.mmap, max_workers: int) -> None:
+    def __init__(self, fd: int, mm: mmap.mmap, max_workers: int, max_rows: int) -> None:
+        self.fd = fd
         self.mm = mm
         self.max_workers = max_workers
+        self.max_rows = max_rows
+        self.slots_offset = HEADER_SIZE
+        self.rows_offset = HEADER_SIZE + SLOT_SIZE * max_workers
+        self.row_size = CELLS_OFFSET + CELL_SIZE * max_workers
+        self.lock_fd = -1
+        self._rows: dict[bytes, int] = {}  # this process's cache of key -> row index
+        # servers, sent, received of every cell of a row in one unpack: the admission check
+        # runs it under the lock, so it must be quick.
+        self._no_flags = bytes(max_workers)
+        self._counts = struct.Struct("<" + ("3Q%dx" % (CELL_SIZE - 24)) * max_workers)
 
     @classmethod
-    def create(cls, max_workers: int = MAX_WORKERS) -> Segment:
-        size = HEADER_SIZE + SLOT_SIZE * max_workers
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
-        _HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, max_workers, os.getpid(), 0)
-        return cls(mm, max_workers)
+    def create(cls, max_workers: int = MAX_WORKERS, max_rows: int = MAX_ROWS) -> Segment:
+        if max_workers > MAX_WORKERS:
+            raise ValueError("at most %d workers" % MAX_WORKERS)
+        row_size = CELLS_OFFSET + CELL_SIZE * max_workers
+        size = HEADER_SIZE + SLOT_SIZE * max_workers + row_size * max_rows
+        fd = os.memfd_create("pgherd-shm", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        _HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, max_workers, max_rows, 0,
+                          os.getpid(), 0)
+        seg = cls(fd, mm, max_workers, max_rows)
+        seg.attach()
+        return seg
+
+    def attach(self) -> None:
+        """Open this process's own description of the memfd, for the admission lock."""
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+        self.lock_fd = os.open("/proc/self/fd/%d" % self.fd, os.O_RDWR | os.O_CLOEXEC)
+        self._rows = {}
 
     # -- header ------------------------------------------------------------------------
 
     @property
     def epoch(self) -> int:
-        return _HEADER.unpack_from(self.mm, 0)[4]
+        return _HEADER.unpack_from(self.mm, 0)[6]
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        magic, version, nslots, master, _ = _HEADER.unpack_from(self.mm, 0)
-        _HEADER.pack_into(self.mm, 0, magic, version, nslots, master, value)
+        fields = list(_HEADER.unpack_from(self.mm, 0))
+        fields[6] = value
+        _HEADER.pack_into(self.mm, 0, *fields)
 
-    # -- slots -------------------------------------------------------------------------
+    # -- admission lock ----------------------------------------------------------------
 
-    def _offset(self, slot: int) -> int:
+    def try_lock(self) -> bool:
+        """Take the admission lock without waiting; False when another process holds it."""
+        try:
+            fcntl.fcntl(self.lock_fd, fcntl.F_OFD_SETLK, _LOCK)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def unlock(self) -> None:
+        fcntl.fcntl(self.lock_fd, fcntl.F_OFD_SETLK, _UNLOCK)
+
+    # -- worker slots ------------------------------------------------------------------
+
+    def _slot(self, slot: int) -> int:
         if not 0 <= slot < self.max_workers:
             raise IndexError("worker slot %d out of range" % slot)
-        return HEADER_SIZE + slot * SLOT_SIZE
+        return self.slots_offset + slot * SLOT_SIZE
 
     def write(self, slot: int, **fields: int) -> None:
         """Update some fields of ``slot`` under its seqlock (the slot's single writer only)."""
         mm = self.mm
-        base = self._offset(slot)
-        (seq,) = _SEQ.unpack_from(mm, base)
-        _SEQ.pack_into(mm, base, seq + 1)
+        base = self._slot(slot)
+        (seq,) = _Q.unpack_from(mm, base)
+        _Q.pack_into(mm, base, seq + 1)
         for name, value in fields.items():
-            _SEQ.pack_into(mm, base + _FIELD_OFFSET[name], value)
-        _SEQ.pack_into(mm, base, seq + 2)
+            _Q.pack_into(mm, base + _SLOT_OFFSET[name], value)
+        _Q.pack_into(mm, base, seq + 2)
 
     def reset(self, slot: int, **fields: int) -> None:
         """Zero a slot (keeping its seq moving) and set ``fields``: the master, after a reap."""
@@ -121,13 +224,184 @@ class Segment:
     def read(self, slot: int) -> WorkerSlot:
         """A consistent snapshot; retries while the owner is in the middle of a write."""
         mm = self.mm
-        base = self._offset(slot)
+        base = self._slot(slot)
         while True:
             values = _SLOT.unpack_from(mm, base)
             seq = values[0]
-            if seq & 1 == 0 and _SEQ.unpack_from(mm, base)[0] == seq:
+            if seq & 1 == 0 and _Q.unpack_from(mm, base)[0] == seq:
                 return WorkerSlot(slot, *values[1:])
             os.sched_yield()
 
     def read_all(self, count: int | None = None) -> list[WorkerSlot]:
         return [self.read(i) for i in range(count if count is not None else self.max_workers)]
+
+    def total_clients(self) -> int:
+        mm = self.mm
+        off = self.slots_offset + _SLOT_OFFSET["clients"]
+        return sum(_Q.unpack_from(mm, off + i * SLOT_SIZE)[0] for i in range(self.max_workers))
+
+    # -- rows --------------------------------------------------------------------------
+
+    def _row_base(self, row: int) -> int:
+        return self.rows_offset + row * self.row_size
+
+    def find_row(self, key: bytes) -> int | None:
+        """The row of ``key`` if some process created it (no lock needed to look)."""
+        row = self._rows.get(key)
+        if row is not None:
+            return row
+        mm = self.mm
+        start = zlib.crc32(key) % self.max_rows
+        padded = key.ljust(KEY_SIZE, b"\x00")
+        for i in range(self.max_rows):
+            row = (start + i) % self.max_rows
+            base = self._row_base(row)
+            if not _Q.unpack_from(mm, base)[0]:
+                return None
+            if mm[base + 8 : base + 8 + KEY_SIZE] == padded:
+                self._rows[key] = row
+                return row
+        return None
+
+    def row(self, key: bytes) -> int:
+        """Find or create the row of ``key``; the caller holds the admission lock."""
+        row = self.find_row(key)
+        if row is not None:
+            return row
+        mm = self.mm
+        start = zlib.crc32(key) % self.max_rows
+        for i in range(self.max_rows):
+            row = (start + i) % self.max_rows
+            base = self._row_base(row)
+            if not _Q.unpack_from(mm, base)[0]:
+                mm[base + 8 : base + 8 + KEY_SIZE] = key.ljust(KEY_SIZE, b"\x00")
+                _Q.pack_into(mm, base, 1)  # published last: readers never see half a key
+                self._rows[key] = row
+                return row
+        raise TableFull("the shared pool table is full (%d rows)" % self.max_rows)
+
+    def _cell(self, row: int, slot: int) -> int:
+        return self._row_base(row) + CELLS_OFFSET + slot * CELL_SIZE
+
+    def cell_get(self, row: int, slot: int, field: str) -> int:
+        return _Q.unpack_from(self.mm, self._cell(row, slot) + _CELL_OFFSET[field])[0]
+
+    def cell_add(self, row: int, slot: int, field: str, delta: int) -> None:
+        off = self._cell(row, slot) + _CELL_OFFSET[field]
+        _Q.pack_into(self.mm, off, _Q.unpack_from(self.mm, off)[0] + delta)
+
+    def cell_set(self, row: int, slot: int, **fields: int) -> None:
+        base = self._cell(row, slot)
+        for name, value in fields.items():
+            _Q.pack_into(self.mm, base + _CELL_OFFSET[name], value)
+
+    def cell_read(self, row: int, slot: int) -> dict[str, int]:
+        return dict(zip(CELL_FIELDS, _CELL.unpack_from(self.mm, self._cell(row, slot))))
+
+    def _ghost(self, row: int, name: str) -> int:
+        return _Q.unpack_from(self.mm, self._row_base(row) + _GHOST_OFFSET[name])[0]
+
+    def servers_total(self, row: int) -> int:
+        """Server connections counted against a row's limits: held, in flight, and those of
+        dead workers still inside their grace period."""
+        values = self._counts.unpack_from(self.mm, self._row_base(row) + CELLS_OFFSET)
+        held = sum(values[0::3])
+        in_flight = sum(values[1::3]) - sum(values[2::3])
+        base = self._row_base(row)
+        ghost_servers, ghost_sent, ghost_received = _GHOSTS.unpack_from(
+            self.mm, base + _GHOST_OFFSET["ghost_servers"])
+        return held + ghost_servers + in_flight + ghost_sent - ghost_received
+
+    def get_welcome(self, row: int) -> bytes | None:
+        base = self._row_base(row) + WELCOME_OFFSET
+        (length,) = _Q.unpack_from(self.mm, base)
+        return bytes(self.mm[base + 8 : base + 8 + length]) if length else None
+
+    def set_welcome(self, row: int, data: bytes) -> None:
+        """Write a row's welcome once; the caller holds the admission lock."""
+        if len(data) > WELCOME_SIZE:
+            return  # unusual parameter sets stay per worker
+        base = self._row_base(row) + WELCOME_OFFSET
+        self.mm[base + 8 : base + 8 + len(data)] = data
+        _Q.pack_into(self.mm, base, len(data))  # length last: readers see all or nothing
+
+    # -- waiting flags: who has clients waiting for a pool, and since when -------------
+
+    def set_waiting(self, row: int, slot: int, count: int, since_ns: int) -> None:
+        self.cell_set(row, slot, cl_waiting=count, waiting_since_ns=since_ns)
+        self.mm[self._row_base(row) + FLAGS_OFFSET + slot] = 1 if count else 0
+
+    def oldest_waiter_elsewhere(self, row: int, slot: int) -> tuple[int, int] | None:
+        """(slot, waiting_since_ns) of the longest-waiting other worker, or None."""
+        base = self._row_base(row) + FLAGS_OFFSET
+        flags = self.mm[base : base + self.max_workers]
+        if flags == self._no_flags:
+            return None
+        best = None
+        for other, flag in enumerate(flags):
+            if flag and other != slot:
+                since = self.cell_get(row, other, "waiting_since_ns")
+                if since and (best is None or since < best[1]):
+                    best = (other, since)
+        return best
+
+    # -- master: reclaiming a dead worker's share -------------------------------------
+
+    def retire_worker(self, slot: int) -> dict[int, int]:
+        """Move a dead worker's cells into the ghost counters and zero them.
+
+        Returns {row: servers} the caller must later :meth:`release_ghost`: the backends of a
+        dead worker may outlive it for a moment, so its servers stay counted a little longer.
+        Ghosts are raised before cells are zeroed, so no reader ever sees too little.
+        """
+        held: dict[int, int] = {}
+        mm = self.mm
+        for row in range(self.max_rows):
+            base = self._row_base(row)
+            if not _Q.unpack_from(mm, base)[0]:
+                continue
+            cell = self.cell_read(row, slot)
+            moves = {"ghost_servers": cell["servers"], "ghost_sent": cell["sent"],
+                     "ghost_received": cell["received"]}
+            for f in STAT_FIELDS:
+                moves["ghost_" + f] = cell[f]
+            for name, value in moves.items():
+                if value:
+                    off = base + _GHOST_OFFSET[name]
+                    _Q.pack_into(mm, off, _Q.unpack_from(mm, off)[0] + value)
+            mm[base + FLAGS_OFFSET + slot] = 0
+            mm[self._cell(row, slot) : self._cell(row, slot) + CELL_SIZE] = bytes(CELL_SIZE)
+            if cell["servers"]:
+                held[row] = cell["servers"]
+        return held
+
+    def release_ghost(self, row: int, servers: int) -> None:
+        off = self._row_base(row) + _GHOST_OFFSET["ghost_servers"]
+        _Q.pack_into(self.mm, off, _Q.unpack_from(self.mm, off)[0] - servers)
+
+    # -- readers for the admin console and metrics -------------------------------------
+
+    def snapshot_rows(self) -> list[RowSnapshot]:
+        out = []
+        mm = self.mm
+        for row in range(self.max_rows):
+            base = self._row_base(row)
+            if not _Q.unpack_from(mm, base)[0]:
+                continue
+            raw = bytes(mm[base + 8 : base + 8 + KEY_SIZE]).rstrip(b"\x00").decode()
+            kind, *names = raw.split("\x00")
+            totals = dict.fromkeys(CELL_FIELDS, 0)
+            oldest = 0
+            for slot in range(self.max_workers):
+                cell = _CELL.unpack_from(mm, self._cell(row, slot))
+                for name, value in zip(CELL_FIELDS, cell):
+                    totals[name] += value
+                since = cell[_CELL_OFFSET["waiting_since_ns"] // 8]
+                if cell[_CELL_OFFSET["cl_waiting"] // 8] and since and (not oldest or since < oldest):
+                    oldest = since
+            for f in STAT_FIELDS:
+                totals[f] += self._ghost(row, "ghost_" + f)
+            totals["servers"] = self.servers_total(row)
+            del totals["waiting_since_ns"]
+            out.append(RowSnapshot(kind, tuple(names), totals, oldest))
+        return out

@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from ipc import shm
+from ipc import channel, shm
 
 from . import listeners, log as plog, pidfile, systemd
 from .config import Config
@@ -27,6 +27,10 @@ TICK = 0.25  # seconds between housekeeping rounds when no signal arrives
 HEARTBEAT_LIMIT = 10.0  # a worker silent this long is hung: killed and replaced
 STABLE_AFTER = 5.0  # a worker that lived this long resets its crash back-off
 MAX_BACKOFF = 10.0
+# A dead worker's server connections stay counted this long: its backends may outlive it for a
+# moment (a backend notices the closed socket only when its query ends), and a limit must
+# never be exceeded as PostgreSQL sees it.
+DEAD_SERVERS_GRACE = 1.0
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
            signal.SIGUSR1, signal.SIGUSR2)
@@ -52,6 +56,8 @@ class Master:
         self.slots: list[Slot] = []
         self.unix: socket.socket | None = None
         self.segment: shm.Segment | None = None
+        self.inboxes: channel.Inboxes | None = None
+        self.ghosts: list[tuple[float, dict[int, int]]] = []  # (release time, {row: servers})
         self.stopping: str | None = None  # None, "clients", "servers", "now"
         self.stop_deadline = 0.0
         self.ready_sent = False
@@ -73,7 +79,11 @@ class Master:
         except listeners.ListenError:
             self._close_listeners()
             raise
+        if s.workers > shm.MAX_WORKERS:
+            raise listeners.ListenError("workers = %d: at most %d are supported" % (
+                s.workers, shm.MAX_WORKERS))
         self.segment = shm.Segment.create()
+        self.inboxes = channel.Inboxes(shm.MAX_WORKERS)
         pidfile.write(s.pidfile)
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -103,6 +113,7 @@ class Master:
                 except BlockingIOError:
                     pass
             self._reap()
+            self._release_ghosts()
             if self.stopping:
                 if not any(slot.pid for slot in self.slots):
                     return
@@ -183,7 +194,7 @@ class Master:
             from workers.worker import run
 
             socks = list(slot.tcp) + ([self.unix] if self.unix else [])
-            run(slot.index, self.config, self.segment, socks, master_pid)
+            run(slot.index, self.config, self.segment, self.inboxes, socks, master_pid)
         except BaseException:
             log.exception("worker %d could not start", slot.index)
         finally:
@@ -201,6 +212,10 @@ class Master:
             if slot is None:
                 continue
             slot.pid = 0
+            # Its share of every shared count is reclaimed before the slot can be reused.
+            held = self.segment.retire_worker(slot.index)
+            if held:
+                self.ghosts.append((time.monotonic() + DEAD_SERVERS_GRACE, held))
             self.segment.reset(slot.index, generation=slot.generation, restarts=slot.restarts)
             if self.stopping:
                 continue
@@ -214,6 +229,13 @@ class Master:
             slot.respawn_at = time.monotonic() + delay
             log.warning("worker %d (pid %d) %s after %.1fs; respawning%s", slot.index, pid, how,
                         lived, " in %.1fs" % delay if delay else "")
+
+    def _release_ghosts(self) -> None:
+        now = time.monotonic()
+        while self.ghosts and self.ghosts[0][0] <= now:
+            _, held = self.ghosts.pop(0)
+            for row, servers in held.items():
+                self.segment.release_ghost(row, servers)
 
     def _supervise(self) -> None:
         now = time.monotonic()

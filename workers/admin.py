@@ -16,6 +16,7 @@ import time
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from ipc import shm
 from prefork.settings import SETTINGS
 
 from . import proto
@@ -145,26 +146,40 @@ def _show_config(worker: Worker):
     return [("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT)], rows
 
 
+def _pool_rows(worker: Worker) -> list[shm.RowSnapshot]:
+    """Every worker's share of every pool, fresh: each worker publishes before we read."""
+    worker.exchange.publish_all()
+    return [r for r in worker.segment.snapshot_rows() if r.kind == shm.POOL]
+
+
+def _pool_mode(worker: Worker, dbname: str, user: str) -> str:
+    pool = worker.pools.get((dbname, user))
+    if pool is not None:
+        return pool.mode
+    u = worker.config.users.get(user)
+    db = worker.database(dbname)
+    for src in (u, db):
+        if src is not None and src.pool_mode:
+            return src.pool_mode
+    return worker.settings.pool_mode
+
+
 def _show_pools(worker: Worker):
     cols = [("database", TEXT), ("user", TEXT), ("cl_active", I4), ("cl_waiting", I4),
             ("cl_active_cancel_req", I4), ("cl_waiting_cancel_req", I4), ("sv_active", I4),
             ("sv_active_cancel", I4), ("sv_being_canceled", I4), ("sv_idle", I4),
             ("sv_used", I4), ("sv_tested", I4), ("sv_login", I4), ("maxwait", I4),
             ("maxwait_us", I4), ("pool_mode", TEXT), ("load_balance_hosts", TEXT)]
-    now = time.monotonic()
+    now = time.monotonic_ns()
     rows = []
-    for pool in worker.pools.values():
-        states = [s.state for s in pool.servers]
-        wait = now - pool.waiting[0].wait_started if pool.waiting else 0.0
-        rows.append((pool.dbname, pool.user, len(pool.clients) - len(pool.waiting),
-                     len(pool.waiting), 0, 0, states.count("active"), 0, 0,
-                     states.count("idle"), states.count("used"), states.count("tested"),
-                     pool.connecting, int(wait), int((wait % 1) * 1e6), pool.mode, None))
+    for r in sorted(_pool_rows(worker), key=lambda r: r.names):
+        t = r.totals
+        wait_us = (now - r.max_wait_ns) // 1000 if r.max_wait_ns else 0
+        rows.append((r.names[0], r.names[1], t["cl_active"], t["cl_waiting"], 0, 0,
+                     t["sv_active"], 0, 0, t["sv_idle"], t["sv_used"], t["sv_tested"],
+                     t["sv_login"], wait_us // 1_000_000, wait_us % 1_000_000,
+                     _pool_mode(worker, *r.names), None))
     return cols, rows
-
-
-_STAT_NAMES = ("server_assignment_count", "xact_count", "query_count", "recv_bytes",
-               "sent_bytes", "xact_time", "query_time", "wait_time")
 
 
 def _show_stats(worker: Worker):
@@ -174,13 +189,11 @@ def _show_stats(worker: Worker):
         "total_wait_time", "total_client_parse_count", "total_server_parse_count",
         "total_bind_count", "total_client_login_count")]
     per_db: dict[str, list[int]] = {}
-    for pool in worker.pools.values():
-        acc = per_db.setdefault(pool.dbname, [0] * 9)
-        for i, name in enumerate(_STAT_NAMES):
-            acc[i] += getattr(pool.stats, name)
-        acc[8] += pool.stats.client_login_count
-    rows = [(db, *acc[:8], 0, 0, 0, acc[8]) for db, acc in sorted(per_db.items())]
-    return cols, rows
+    for r in _pool_rows(worker):
+        acc = per_db.setdefault(r.names[0], [0] * len(shm.STAT_FIELDS))
+        for i, name in enumerate(shm.STAT_FIELDS):
+            acc[i] += r.totals[name]
+    return cols, [(db, *acc) for db, acc in sorted(per_db.items())]
 
 
 _SOCKET_COLS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("replication", TEXT),
@@ -195,26 +208,35 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
+def local_rows(worker: Worker, what: str) -> list[list]:
+    """This worker's connections for SHOW CLIENTS / SHOW SERVERS (gathered from all)."""
+    rows: list[list] = []
+    now = time.monotonic()
+    if what == "CLIENTS":
+        for c in worker.clients.values():
+            wait = now - c.wait_started if c.state == "waiting" else 0.0
+            rows.append(["C", c.user, c.dbname, "none", c.state, c.addr, c.port,
+                         c.local_addr, c.local_port, _stamp(c.connect_time),
+                         _stamp(c.connect_time), int(wait), int(wait % 1 * 1e6), 0,
+                         "C-%d" % c.id, "S-%d" % c.server.id if c.server else "", 0, "",
+                         c.params.get("application_name", ""), 0, c.id])
+    elif what == "SERVERS":
+        for pool in worker.pools.values():
+            for s in pool.servers:
+                rows.append(["S", pool.user, pool.dbname, "none", s.state, s.addr, s.port,
+                             s.local_addr, s.local_port, _stamp(s.connect_time),
+                             _stamp(s.connect_time), 0, 0, int(s.close_needed),
+                             "S-%d" % s.id, "C-%d" % s.client.id if s.client else "",
+                             s.backend_pid, "", s.params.get("application_name", ""), 0, s.id])
+    return rows
+
+
 def _show_clients(worker: Worker):
-    rows = []
-    for c in worker.clients.values():
-        rows.append(("C", c.user, c.dbname, "none", c.state, c.addr, c.port, c.local_addr,
-                     c.local_port, _stamp(c.connect_time), _stamp(c.connect_time), 0, 0, 0,
-                     "C-%d" % c.id, "S-%d" % c.server.id if c.server else "", 0, "",
-                     c.params.get("application_name", ""), 0, c.id))
-    return _SOCKET_COLS, rows
+    return _SOCKET_COLS, sorted(worker.exchange.gather("CLIENTS"), key=lambda r: r[-1])
 
 
 def _show_servers(worker: Worker):
-    rows = []
-    for pool in worker.pools.values():
-        for s in pool.servers:
-            rows.append(("S", pool.user, pool.dbname, "none", s.state, s.addr, s.port,
-                          s.local_addr, s.local_port, _stamp(s.connect_time),
-                          _stamp(s.connect_time), 0, 0, int(s.close_needed), "S-%d" % s.id,
-                          "C-%d" % s.client.id if s.client else "", s.backend_pid, "",
-                          s.params.get("application_name", ""), 0, s.id))
-    return _SOCKET_COLS, rows
+    return _SOCKET_COLS, sorted(worker.exchange.gather("SERVERS"), key=lambda r: r[-1])
 
 
 def _show_databases(worker: Worker):
@@ -225,6 +247,11 @@ def _show_databases(worker: Worker):
             ("max_client_connections", I4), ("current_client_connections", I4),
             ("paused", I4), ("disabled", I4)]
     s = worker.settings
+    current = {r.names[0]: r.totals for r in worker.segment.snapshot_rows()
+               if r.kind == shm.DATABASE}
+    clients: dict[str, int] = {}
+    for r in _pool_rows(worker):
+        clients[r.names[0]] = clients.get(r.names[0], 0) + r.totals["clients"]
     rows = []
     for db in worker.config.databases.values():
         rows.append((db.name, ",".join(db.host) or None, db.port, db.dbname or db.name,
@@ -232,9 +259,8 @@ def _show_databases(worker: Worker):
                      db.min_pool_size or 0, db.reserve_pool_size or 0,
                      int(db.server_lifetime if db.server_lifetime is not None
                          else s.server_lifetime), db.pool_mode, None,
-                     db.max_db_connections or 0, worker.limits.per_db[db.name], 0,
-                     sum(len(p.clients) for p in worker.pools.values() if p.dbname == db.name),
-                     0, 0))
+                     db.max_db_connections or 0, current.get(db.name, {}).get("servers", 0),
+                     0, clients.get(db.name, 0), 0, 0))
     return cols, rows
 
 

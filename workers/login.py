@@ -15,6 +15,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+import gevent
 from gevent.socket import getaddrinfo, wait_read, wait_write
 
 from . import auth, proto
@@ -111,6 +112,7 @@ def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> No
     reader = MessageReader(startup=True)
     worker.logins += 1
     user = dbname = "?"
+    admitted = False  # holds one of the service's max_client_conn places until handed over
     try:
         params = _startup(worker, sock, reader, deadline)
         if params is None:
@@ -128,7 +130,8 @@ def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> No
 
             admin_login(worker, sock, reader, deadline, user, dbname, cid)
             return
-        if worker.client_count() >= s.max_client_conn:
+        admitted = _admit(worker)
+        if not admitted:
             raise Refused("no more connections allowed (max_client_conn)")
         if worker.draining:
             raise Refused("pooler is shutting down")
@@ -159,6 +162,7 @@ def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> No
         send_all(sock, bytes(out), deadline)
         pool.stats.client_login_count += 1
         worker.client_ready(client)
+        admitted = False  # the client owns its place now; Client.disconnect gives it back
         client.start()
     except Refused as exc:
         _refuse(worker, sock, exc, label, dbname, user)
@@ -172,8 +176,22 @@ def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> No
         if s.log_disconnections:
             log.info("%s: %s/%s@%s closing because: client unexpected eof", label, dbname,
                      user, addr)
+    except Exception:  # a bug costs this login, never the worker or the admission count
+        log.exception("%s: login failed", label)
+        _refuse(worker, sock, Refused("internal error"), label, dbname, user)
     finally:
         worker.logins -= 1
+        if admitted:
+            worker.limits.client_closed()
+
+
+def _admit(worker: Worker) -> bool:
+    """max_client_conn across all workers; waits (cooperatively) for a busy admission lock."""
+    while True:
+        admitted = worker.limits.admit_client()
+        if admitted is not None:
+            return admitted
+        gevent.sleep(0.0002)
 
 
 def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str, dbname: str,
@@ -242,8 +260,13 @@ def _client_params(worker: Worker, params: dict[str, str]) -> dict[str, str]:
 
 
 def _wait_welcome(pool: Pool, deadline: float) -> dict[str, str]:
-    """The server parameters new clients are greeted with: from the pool's first login."""
+    """The server parameters new clients are greeted with: from the pool's first login in
+    any worker (shared memory), else from a login this worker starts."""
     while pool.welcome is None:
+        shared = pool.worker.limits.shared_welcome(pool)
+        if shared is not None:
+            pool.welcome = shared
+            break
         cached = pool.cached_login_error()
         if cached is not None and pool.login_error is not None:
             fields = pool.login_error
@@ -251,8 +274,10 @@ def _wait_welcome(pool: Pool, deadline: float) -> dict[str, str]:
         event = pool.welcome_ready
         pool.grow()
         remaining = deadline - _monotonic()
-        if remaining <= 0 or not event.wait(remaining):
+        if remaining <= 0:
             raise Refused("client_login_timeout (server down)")
+        # Another worker may publish the welcome meanwhile: look again now and then.
+        event.wait(min(remaining, 0.05))
     return pool.welcome
 
 

@@ -1,9 +1,11 @@
 """Pools: one per (database, user) in a worker — idle servers, waiting clients, hand-outs.
 
-Where a limit is checked: :meth:`Pool.may_open` (pool_size + reserve, max_db_connections,
-max_user_connections) through the worker's :class:`~workers.limits.Limits`. Where a client
-gets a server: :meth:`Pool.assign` (on a request) and :meth:`Pool.give` (a server became
-free: the longest-waiting client gets it, else it goes idle). A server is linked in three
+A pool here is this worker's share of a service-wide pool. Where a limit is checked:
+:meth:`Pool.may_open` (pool_size + reserve, max_db_connections, max_user_connections), through
+the worker's :class:`~workers.limits.Limits`, against the counts of ALL workers. Where a
+client gets a server: :meth:`Pool.assign` (on a request) and :meth:`Pool.give` (a server
+became free: it goes to the client that has waited longest — in this worker or, through
+``workers/exchange.py``, in another one — else it goes idle). A server is linked in three
 steps, each of which may have to wait for the server: health check (``server_check_query``
 after ``server_check_delay`` idle), tracked-parameter SET, then the client's request.
 """
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING
 import gevent
 import gevent.event
 
+from ipc import shm
+
 from .relay import SESSION, Client, Server
 from .varcache import server_set_query
 
@@ -29,12 +33,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgherd")
 _monotonic = time.monotonic
 
+#: A server goes to another worker's waiter even though clients wait here too only when that
+#: waiter has waited this much longer: strict cross-worker FIFO would pass servers back and
+#: forth at every release under load, for no measurable gain in fairness.
+FAIRNESS_SLACK = 0.002
+#: After a limit refused a new server, requests queue without asking again for this long:
+#: under saturation every queued request would otherwise take the admission lock.
+FULL_BACKOFF = 0.001
+
 
 class PoolStats:
     """Counters of one pool in this worker, in PgBouncer's units (bytes, microseconds)."""
 
-    __slots__ = ("xact_count", "query_count", "recv_bytes", "sent_bytes", "xact_time",
-                 "query_time", "wait_time", "server_assignment_count", "client_login_count")
+    __slots__ = shm.STAT_FIELDS
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -51,6 +62,7 @@ class Pool:
         self.user = user
         self.password = password  # for server login: connstring password or auth_file secret
         self.scram_keys: tuple[bytes, bytes] | None = None  # SCRAM passthrough (ClientKey, ServerKey)
+        self.rows: tuple[int, int, int] | None = None  # shared rows: pool, database, user
         self.idle: collections.deque[Server] = collections.deque()
         self.waiting: collections.deque[Client] = collections.deque()
         self.servers: set[Server] = set()
@@ -61,6 +73,8 @@ class Pool:
         self.login_error: dict[str, str] | None = None
         self.login_failed_at = 0.0
         self.stats = PoolStats()
+        self._grow_pending = False
+        self.full_until = 0.0  # a limit refused a new server until then: do not ask again
         self.apply_config()
 
     def apply_config(self) -> None:
@@ -100,6 +114,7 @@ class Pool:
         client.state = "waiting"
         client.wait_started = _monotonic()
         self.waiting.append(client)
+        self.waiting_changed()
         self.grow()
         return None
 
@@ -157,7 +172,7 @@ class Pool:
         server.client = None
         client.server = None
         server.close("server check query failed: %s" % error.get("M", ""))
-        if self.assign(client) is not None:
+        if not client.closed and self.assign(client) is not None:
             client.resume()
 
     def _aligned(self, server: Server, error: dict[str, str] | None) -> None:
@@ -196,14 +211,30 @@ class Pool:
         self.give(server)
 
     def give(self, server: Server) -> None:
-        """A free server: to the client that waited longest, else to the idle list."""
-        if self.waiting:
-            client = self.waiting.popleft()
+        """A free server: to the client that waited longest, here or elsewhere, else idle."""
+        waiting = self.waiting
+        remote = self.worker.segment.oldest_waiter_elsewhere(self.rows[0], self.worker.slot)
+        # With nobody waiting here, compare with a client arriving now: the client that just
+        # finished usually sends its next query a round trip later, and the server should not
+        # travel for a remote client that has only just started to wait either.
+        local_since = waiting[0].wait_started if waiting else _monotonic()
+        if remote is not None and remote[1] < (local_since - FAIRNESS_SLACK) * 1e9:
+            if self.worker.exchange.hand_over(server, remote[0]):
+                return
+        if waiting:
+            client = waiting.popleft()
+            self.waiting_changed()
             if self._link(client, server):
                 client.resume()
             return
         server.state = "idle"
         self.idle.append(server)
+
+    def waiting_changed(self) -> None:
+        """Publish how many clients wait here and since when, for the other workers."""
+        waiting = self.waiting
+        since = int(waiting[0].wait_started * 1e9) if waiting else 0
+        self.worker.segment.set_waiting(self.rows[0], self.worker.slot, len(waiting), since)
 
     def _retire(self, server: Server, now: float) -> bool:
         """Close ``server`` instead of reusing it when it is marked, too old or surplus."""
@@ -226,23 +257,61 @@ class Pool:
         want = len(self.waiting) - self.connecting
         if self.welcome is None and not self.servers and not self.connecting:
             want = max(want, 1)
-        want = max(want, self.min_size - len(self.servers) - self.connecting)
-        while want > 0 and self.may_open():
+        if self.min_size:
+            total = self.worker.segment.servers_total(self.rows[0])
+            want = max(want, self.min_size - total - self.connecting)
+        if want > 0 and _monotonic() < self.full_until:
+            return  # refused a moment ago: the janitor and hand-overs take it from here
+        while want > 0:
+            admitted = self.may_open()
+            if admitted is None:  # another worker holds the admission lock for a moment
+                self._grow_later()
+                return
+            if not admitted:
+                self.full_until = _monotonic() + FULL_BACKOFF
+                if self.waiting:
+                    self._make_room()
+                return
             self.connecting += 1
-            self.worker.limits.opened(self)
             gevent.spawn(self._connect)
             want -= 1
 
-    def may_open(self) -> bool:
-        """The one place where a new server connection is allowed or refused."""
-        total = len(self.servers) + self.connecting
-        if self.size and total >= self.size:
-            if not (self.reserve and total < self.size + self.reserve and self.waiting
-                    and _monotonic() - self.waiting[0].wait_started
-                    >= self.worker.settings.reserve_pool_timeout):
-                return False
+    def _grow_later(self) -> None:
+        if not self._grow_pending:
+            self._grow_pending = True
+            gevent.spawn_later(0.001, self._grow_retry)
+
+    def _grow_retry(self) -> None:
+        self._grow_pending = False
+        self.grow()
+
+    def may_open(self) -> bool | None:
+        """The one place where a new server connection is allowed or refused (all workers).
+
+        True: admitted and counted. False: a limit refuses. None: ask again in a moment.
+        """
+        limit = self.size
+        if (limit and self.reserve and self.waiting and _monotonic() - self.waiting[0].wait_started
+                >= self.worker.settings.reserve_pool_timeout):
+            limit += self.reserve
+        admitted = self.worker.limits.admit_server(self, limit)
+        if admitted and self.size and limit > self.size and \
+                self.worker.segment.servers_total(self.rows[0]) > self.size:
             log.info("%s/%s taking connection from reserve_pool", self.dbname, self.user)
-        return self.worker.limits.may_open(self)
+        return admitted
+
+    def _make_room(self) -> None:
+        """At a limit with clients waiting: ask for idle servers of this pool elsewhere, and
+        free one of a sibling pool here when max_db/max_user_connections is what refuses."""
+        self.worker.exchange.want(self)
+        shared = self.worker.limits.blocked_by_shared_limit(self)
+        if shared is None:
+            return
+        for other in self.worker.pools.values():
+            related = other.dbname == self.dbname if shared == "db" else other.user == self.user
+            if other is not self and related and other.close_idle("evicted by connection limit"):
+                self.grow()
+                return
 
     def _connect(self) -> None:
         from .login import LoginFailed, open_server  # login imports pool's neighbours
@@ -251,7 +320,7 @@ class Pool:
             server = open_server(self)
         except LoginFailed as exc:
             self.connecting -= 1
-            self.worker.limits.closed(self)
+            self.worker.limits.server_closed(self.rows)
             self._login_failed(exc)
             return
         self.connecting -= 1
@@ -261,6 +330,7 @@ class Pool:
         if self.welcome is None:
             self.welcome = dict(server.params)
             self.welcome_ready.set()
+            self.worker.limits.publish_welcome(self, self.welcome)
         server.start()
         if self.db.connect_query:
             server.run_internal(self.db.connect_query, self._connect_query_done)
@@ -290,11 +360,42 @@ class Pool:
                 self.waiting.remove(client)
             except ValueError:
                 pass
+            self.waiting_changed()
 
-    def server_gone(self, server: Server) -> None:
+    def adopt(self, server: Server) -> None:
+        """A server handed over by another worker joins this pool."""
+        self.servers.add(server)
+        server.start()
+        self.give(server)
+
+    def offer_idle(self) -> None:
+        """Another worker asked: hand over idle servers this worker has no client for."""
+        seg = self.worker.segment
+        budget: dict[int, int] = {}
+        while self.idle and not self.waiting:
+            remote = seg.oldest_waiter_elsewhere(self.rows[0], self.worker.slot)
+            if remote is None:
+                return
+            slot = remote[0]
+            if slot not in budget:
+                budget[slot] = seg.cell_get(self.rows[0], slot, "cl_waiting")
+            if budget[slot] <= 0:
+                return
+            server = self._take_idle()
+            if server is None:
+                return
+            if not self.worker.exchange.hand_over(server, slot):
+                self.idle.append(server)
+                return
+            budget[slot] -= 1
+
+    def server_gone(self, server: Server, counted: bool = True) -> None:
+        """``server`` left this pool: closed (``counted``) or handed to another worker."""
         if server in self.servers:
             self.servers.discard(server)
-            self.worker.limits.closed(self)
+            if counted:
+                self.worker.limits.server_closed(self.rows)
+                self.full_until = 0.0
         try:
             self.idle.remove(server)
         except ValueError:
@@ -315,6 +416,9 @@ class Pool:
         qwt = self.query_wait_timeout
         while qwt and self.waiting and now - self.waiting[0].wait_started > qwt:
             self.waiting[0].disconnect("query_wait_timeout", error="query_wait_timeout")
+        # Publishing at every release would cost the hot path; a few times a second is enough
+        # for SHOW POOLS and metrics (and an admin command asks for a fresh publish anyway).
+        self.publish()
         if s.server_idle_timeout:
             for server in [srv for srv in self.idle if now - srv.last_used > s.server_idle_timeout]:
                 if len(self.servers) <= self.min_size:
@@ -323,8 +427,21 @@ class Pool:
         if self.lifetime:
             for server in [srv for srv in self.idle if now - srv.born > self.lifetime]:
                 server.close("server lifetime over")
-        if self.waiting or len(self.servers) + self.connecting < self.min_size:
+        if self.waiting or (self.min_size and self.worker.segment.servers_total(self.rows[0])
+                                + self.connecting < self.min_size):
             self.grow()
+
+    def publish(self) -> None:
+        """Write this worker's share of the pool (states and stats) to its shared cell."""
+        states = [s.state for s in self.servers]
+        st = self.stats
+        self.worker.segment.cell_set(
+            self.rows[0], self.worker.slot,
+            sv_active=states.count("active"), sv_idle=states.count("idle"),
+            sv_used=states.count("used"), sv_tested=states.count("tested"),
+            sv_login=self.connecting, cl_active=len(self.clients) - len(self.waiting),
+            clients=len(self.clients),
+            **{name: getattr(st, name) for name in PoolStats.__slots__})
 
     def cached_login_error(self) -> str | None:
         """PgBouncer's fast-fail text while server_login_retry runs after a failed login."""

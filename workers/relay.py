@@ -472,6 +472,13 @@ class Server(Conn):
         self.close("server write failed: %s" % (exc.strerror if exc else "internal error"),
                    client_error="server conn crashed?")
 
+    def detach(self) -> None:
+        """Forget this idle server without closing it: another worker owns it now."""
+        self.closed = True
+        self.stop_io()
+        self.sock.close()  # our descriptor only: the connection travels in the message
+        self.pool.server_gone(self, counted=False)
+
     def close(self, reason: str, client_error: str | None = None) -> None:
         """Close this server; a linked client cannot continue without it and is closed too."""
         if self.closed:

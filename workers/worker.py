@@ -26,8 +26,9 @@ import gevent
 import gevent.event
 import msgspec
 
-from ipc import shm
+from ipc import channel, shm
 
+from .exchange import Exchange
 from .limits import Limits
 from .login import client_login, forward_cancel
 from .pool import Pool
@@ -49,7 +50,7 @@ class Worker:
     """Everything one worker process owns."""
 
     def __init__(self, slot: int, config: Config, segment: shm.Segment,
-                 listeners: list[socket.socket]) -> None:
+                 inboxes: channel.Inboxes, listeners: list[socket.socket]) -> None:
         self.slot = slot
         self.segment = segment
         self.listeners = listeners
@@ -60,22 +61,25 @@ class Worker:
         self.auto_databases: dict[str, Database] = {}
         self.logins = 0
         self.draining = False
+        self.apply_config(config)
         self.limits = Limits(self)
+        self.exchange = Exchange(self, inboxes)
         self._ids = itertools.count(1)
         self._hosts: dict[str, itertools.count] = {}
         self._accepting: list = []
         self.stopped = gevent.event.Event()
-        self.apply_config(config)
 
-    def apply_config(self, config: Config) -> None:
+    def apply_config(self, config: Config, epoch: int = 0) -> None:
         self.config = config
+        self.config_epoch = epoch
         self.settings = config.settings
         self.tracked = Tracked(config.settings.track_extra_parameters)
 
     # ------------------------------------------------------------------ lookups and ids
 
     def next_id(self) -> int:
-        return next(self._ids)
+        """Connection ids unique across the service: the low bits name the worker slot."""
+        return next(self._ids) * shm.MAX_WORKERS + self.slot
 
     def next_host_index(self, dbname: str) -> int:
         counter = self._hosts.get(dbname)
@@ -94,12 +98,20 @@ class Worker:
             log.info("registered new auto-database: db=%s", name)
         return db
 
-    def pool_for(self, db: Database, user: str) -> Pool:
+    def pool_for(self, db: Database, user: str,
+                 rows: tuple[int, int, int] | None = None) -> Pool:
+        """This worker's pool of (db, user); a new one finds its shared rows first, which
+        may wait for the admission lock unless ``rows`` are known (greenlet context)."""
         key = (db.name, user)
         pool = self.pools.get(key)
         if pool is None:
             password = db.password or self.config.userlist.get(user)
-            pool = self.pools[key] = Pool(self, db, user, password)
+            pool = Pool(self, db, user, password)
+            if rows is None:
+                self.limits.ensure_rows(pool)
+            else:
+                pool.rows = rows
+            pool = self.pools.setdefault(key, pool)  # another greenlet may have won
         return pool
 
     def client_count(self) -> int:
@@ -123,9 +135,18 @@ class Worker:
     def client_gone(self, client: Client) -> None:
         self.clients.pop(client.id, None)
         self.cancel_keys.pop(client.cancel_key, None)
+        self.limits.client_closed()
 
     def cancel(self, pid: int, key: int) -> None:
-        """A CancelRequest: forward it to the backend serving that client's query, if any."""
+        """A CancelRequest, on whichever worker the kernel handed it: to the client's worker."""
+        slot = pid >> 24
+        if slot != self.slot:
+            self.exchange.relay_cancel(slot, pid, key)
+            return
+        self.cancel_local(pid, key)
+
+    def cancel_local(self, pid: int, key: int) -> None:
+        """Forward a cancel to the backend running that client's query, if it runs one."""
         client = self.cancel_keys.get((pid, key))
         if client is None:
             log.info("cancel request for unknown key, ignored")
@@ -148,8 +169,9 @@ class Worker:
         timer = self.loop.timer(HOUSEKEEPING_PERIOD, HOUSEKEEPING_PERIOD)
         timer.start(self._housekeeping)
         self._timer = timer
+        self.exchange.start()
         self._install_signals()
-        self._publish(shm.READY)
+        self.publish(shm.READY)
 
     def _accept(self, lsock: socket.socket) -> None:
         unix = lsock.family == socket.AF_UNIX
@@ -192,24 +214,28 @@ class Worker:
                 pool.janitor(now)
         except Exception:
             log.exception("janitor failed")
-        self._publish()
+        self._publish_slot()
 
-    def _publish(self, state: int | None = None) -> None:
-        totals = dict.fromkeys(("xact_count", "query_count", "recv_bytes", "sent_bytes",
-                                "xact_time", "query_time", "wait_time", "client_login_count",
-                                "server_assignment_count"), 0)
-        servers = waiting = 0
+    def publish(self, state: int | None = None) -> None:
+        """Write this worker's counts and every pool's cell to shared memory."""
         for pool in self.pools.values():
-            st = pool.stats
-            for name in totals:
-                totals[name] += getattr(st, name)
-            servers += len(pool.servers)
-            waiting += len(pool.waiting)
-        fields = dict(totals, heartbeat_ns=time.monotonic_ns(), clients=len(self.clients),
-                      servers=servers, logins=self.logins, waiting=waiting)
+            pool.publish()
+        self._publish_slot(state)
+
+    def _publish_slot(self, state: int | None = None) -> None:
+        fields = dict(heartbeat_ns=time.monotonic_ns(), logins=self.logins,
+                      servers=sum(len(p.servers) for p in self.pools.values()),
+                      waiting=sum(len(p.waiting) for p in self.pools.values()),
+                      epoch=self.config_epoch)
         if state is not None:
             fields["state"] = state
         self.segment.write(self.slot, **fields)
+
+    def admin_rows(self, what: str) -> list[list]:
+        """This worker's rows of a SHOW command that lists connections (admin gathers)."""
+        from .admin import local_rows
+
+        return local_rows(self, what)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -231,7 +257,7 @@ class Worker:
             watcher.stop()
         for lsock in self.listeners:
             lsock.close()
-        self._publish(shm.DRAINING)
+        self.publish(shm.DRAINING)
         gevent.spawn(self._drain, wait_for)
 
     def _drain(self, wait_for: str) -> None:
@@ -266,13 +292,15 @@ def _die_with_parent(master_pid: int) -> None:
         os._exit(1)
 
 
-def run(slot: int, config: Config, segment: shm.Segment, listeners: list[socket.socket],
-        master_pid: int) -> NoReturn:
+def run(slot: int, config: Config, segment: shm.Segment, inboxes: channel.Inboxes,
+        listeners: list[socket.socket], master_pid: int) -> NoReturn:
     """Entry point of a worker process, called right after fork()."""
     code = 0
     try:
         _die_with_parent(master_pid)
-        worker = Worker(slot, config, segment, listeners)
+        segment.attach()
+        inboxes.keep_only(slot)
+        worker = Worker(slot, config, segment, inboxes, listeners)
         worker.start()
         worker.stopped.wait()
     except BaseException:

@@ -1,0 +1,170 @@
+"""Control channels: one inbox per worker slot and one for the master; the messages they carry.
+
+An inbox is an AF_UNIX datagram socketpair made by the master before it forks: the receiving
+end stays with the master for the life of the service and is inherited by whichever process
+serves the slot, the sending end is inherited by everyone. So any process can post to any
+slot, a respawned worker finds its inbox where the dead one left it (messages included), and
+nothing is addressable from outside the process tree. A datagram is one msgspec-msgpack
+encoded message, optionally with file descriptors (SCM_RIGHTS): a server connection handed
+from one worker to another travels that way, with its state.
+
+Sending never blocks: :meth:`Inboxes.send` returns False when the receiver's queue is full and
+the caller decides how to retry (workers retry in a greenlet; the master on its next tick).
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+from typing import Union
+
+import msgspec
+
+MAX_DATAGRAM = 256 * 1024
+MAX_FDS = 4
+
+
+class Handoff(msgspec.Struct, tag=True, array_like=True):
+    """An idle server connection moving to another worker (its socket rides along)."""
+
+    db: str
+    user: str
+    params: dict[str, str]
+    backend_pid: int
+    backend_key: int
+    family: int
+    host: str
+    port: int
+    born: float  # CLOCK_MONOTONIC is one clock for all processes of a host
+    connect_time: float
+    close_needed: bool
+    from_slot: int
+
+
+class Want(msgspec.Struct, tag=True, array_like=True):
+    """A worker has clients waiting for a pool that is at its limit: hand over an idle server."""
+
+    db: str
+    user: str
+    from_slot: int
+
+
+class Cancel(msgspec.Struct, tag=True, array_like=True):
+    """A CancelRequest that the kernel handed to another worker than the client's."""
+
+    pid: int
+    key: int
+
+
+class Gather(msgspec.Struct, tag=True, array_like=True):
+    """Admin console: send me your rows of ``what`` (CLIENTS, SERVERS, ...)."""
+
+    req: int
+    what: str
+    reply_to: int
+
+
+class Rows(msgspec.Struct, tag=True, array_like=True):
+    req: int
+    slot: int
+    rows: list[list]
+    done: bool
+
+
+class Publish(msgspec.Struct, tag=True, array_like=True):
+    """Write your counters to shared memory now and tell me when done (exact SHOW STATS)."""
+
+    req: int
+    reply_to: int
+
+
+class Done(msgspec.Struct, tag=True, array_like=True):
+    req: int
+    slot: int
+
+
+class Reload(msgspec.Struct, tag=True, array_like=True):
+    """From the master: apply this configuration (it rides in a memfd: it may be large)."""
+
+    epoch: int
+
+
+class Ack(msgspec.Struct, tag=True, array_like=True):
+    """To the master: a worker applied (or refused) configuration ``epoch``."""
+
+    epoch: int
+    slot: int
+    error: str = ""
+
+
+class Command(msgspec.Struct, tag=True, array_like=True):
+    """Admin console control commands that act on every worker (PAUSE, KILL, ...)."""
+
+    req: int
+    reply_to: int
+    name: str
+    arg: str = ""
+
+
+Message = Union[Handoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack, Command]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class Inboxes:
+    """The inboxes of all worker slots plus the master's (index ``master``)."""
+
+    def __init__(self, slots: int) -> None:
+        self.master = slots
+        self.rx: list[socket.socket] = []
+        self.tx: list[socket.socket] = []
+        for _ in range(slots + 1):
+            rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            for sock in (rx, tx):
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            self.rx.append(rx)
+            self.tx.append(tx)
+
+    def keep_only(self, index: int) -> None:
+        """In a worker: close the receiving ends of every inbox but its own."""
+        for i, rx in enumerate(self.rx):
+            if i != index:
+                rx.close()
+
+    def send(self, index: int, message: Message, fds: list[int] = ()) -> bool:
+        """Post ``message`` (and ``fds``) to inbox ``index``; False when it is full."""
+        data = _encoder.encode(message)
+        if len(data) > MAX_DATAGRAM:
+            raise ValueError("control message too large (%d bytes)" % len(data))
+        ancillary = []
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        try:
+            self.tx[index].sendmsg([data], ancillary)
+        except (BlockingIOError, InterruptedError):
+            return False
+        return True
+
+    def receive(self, index: int) -> tuple[Message, list[int]] | None:
+        """The next message of inbox ``index`` and the fds that came with it, or None."""
+        try:
+            data, ancdata, flags, _ = self.rx[index].recvmsg(
+                MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
+        except (BlockingIOError, InterruptedError):
+            return None
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        try:
+            message = _decoder.decode(data)
+        except msgspec.DecodeError:
+            for fd in fds:
+                socket.close(fd)
+            raise
+        return message, fds

@@ -1,0 +1,244 @@
+"""Talking to the other workers: server hand-overs, requests for idle servers, relayed cancels,
+and the admin console's gathers — over the inboxes of ``ipc/channel``.
+
+Hand-over: an idle server connection moves to the worker whose client has waited longest (see
+``Pool.give``), its socket as SCM_RIGHTS and its state (tracked parameters, backend key,
+age) in a :class:`~ipc.channel.Handoff`. Counting follows ``workers/limits.py``: the sender
+counts it as sent, the receiver as received, so it never leaves the limits while in flight.
+
+Mail is read by a watcher callback in the hub; handlers never block. Replies that find the
+receiver's queue full are retried by one greenlet (:meth:`Exchange.post`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Callable
+
+import gevent
+import gevent.event
+import msgspec
+
+from ipc import channel
+
+from .relay import Server
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .worker import Worker
+
+log = logging.getLogger("pgherd")
+_monotonic = time.monotonic
+
+WANT_INTERVAL = 0.005  # at most one Want per pool and worker this often
+GATHER_TIMEOUT = 2.0  # an admin view waits this long for a worker that does not answer
+ROWS_PER_MESSAGE = 500
+
+
+class _Pending:
+    __slots__ = ("slots", "rows", "done")
+
+    def __init__(self, slots: set[int]) -> None:
+        self.slots = slots
+        self.rows: list[list] = []
+        self.done = gevent.event.Event()
+        if not slots:
+            self.done.set()
+
+
+class Exchange:
+    """This worker's mailbox."""
+
+    def __init__(self, worker: Worker, inboxes: channel.Inboxes) -> None:
+        self.worker = worker
+        self.inboxes = inboxes
+        self.slot = worker.slot
+        self._want_sent: dict[tuple[str, str, int], float] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._req = itertools.count(1)
+        self._outbox: collections.deque[tuple[int, channel.Message]] = collections.deque()
+        self._flusher: gevent.Greenlet | None = None
+        self._handlers: dict[type, Callable] = {
+            channel.Handoff: self._on_handoff, channel.Want: self._on_want,
+            channel.Cancel: self._on_cancel, channel.Gather: self._on_gather,
+            channel.Rows: self._on_rows, channel.Publish: self._on_publish,
+            channel.Done: self._on_done,
+        }
+        self._watcher = worker.loop.io(inboxes.rx[self.slot].fileno(), 1)
+
+    def start(self) -> None:
+        self._watcher.start(self._on_mail)
+
+    def on(self, kind: type, handler: Callable) -> None:
+        """Register the handler of a message kind owned elsewhere (reload, commands)."""
+        self._handlers[kind] = handler
+
+    # ------------------------------------------------------------------ transport
+
+    def _on_mail(self) -> None:
+        for _ in range(64):
+            try:
+                got = self.inboxes.receive(self.slot)
+            except msgspec.DecodeError as exc:
+                log.error("undecodable control message dropped: %s", exc)
+                continue
+            if got is None:
+                return
+            message, fds = got
+            try:
+                self._handlers[type(message)](message, fds)
+            except Exception:
+                log.exception("control message %s failed", type(message).__name__)
+                for fd in fds:
+                    try:
+                        socket.close(fd)
+                    except OSError:
+                        pass
+
+    def post(self, slot: int, message: channel.Message) -> None:
+        """Send without fds; a full inbox is retried by a greenlet, never by blocking."""
+        if self._outbox or not self.inboxes.send(slot, message):
+            self._outbox.append((slot, message))
+            if self._flusher is None:
+                self._flusher = gevent.spawn(self._flush)
+
+    def _flush(self) -> None:
+        try:
+            while self._outbox:
+                slot, message = self._outbox[0]
+                if self.inboxes.send(slot, message):
+                    self._outbox.popleft()
+                else:
+                    gevent.sleep(0.001)
+        finally:
+            self._flusher = None
+
+    def live_slots(self) -> list[int]:
+        """Slots with a worker process now (the master keeps pids current in shm)."""
+        seg = self.worker.segment
+        return [w.slot for w in seg.read_all() if w.pid and w.slot != self.slot]
+
+    # ------------------------------------------------------------------ hand-overs
+
+    def hand_over(self, server: Server, to_slot: int) -> bool:
+        """Move an idle ``server`` to worker ``to_slot``; False if its inbox is full."""
+        pool = server.pool
+        family, address = server.target
+        host, port = (address, 0) if isinstance(address, str) else address[:2]
+        message = channel.Handoff(pool.dbname, pool.user, server.params, server.backend_pid,
+                                  server.backend_key, family, host, port, server.born,
+                                  server.connect_time, server.close_needed, self.slot)
+        if not self.inboxes.send(to_slot, message, [server.fd]):
+            return False
+        self.worker.limits.handed_out(pool.rows)
+        server.detach()
+        return True
+
+    def _on_handoff(self, m: channel.Handoff, fds: list[int]) -> None:
+        worker = self.worker
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(False)
+        target = (m.family, m.host if m.family == socket.AF_UNIX else (m.host, m.port))
+        rows = worker.limits.handed_in(m.db, m.user)
+        db = worker.database(m.db)
+        if db is None:  # the database went away in between: counted in, now closed
+            log.info("handed a server of unknown database %s: closing it", m.db)
+            worker.limits.server_closed(rows)
+            sock.close()
+            return
+        pool = worker.pool_for(db, m.user)
+        pool.rows = rows
+        server = Server(worker, sock, pool, dict(m.params), m.backend_pid, m.backend_key,
+                        target)
+        server.born = m.born
+        server.connect_time = m.connect_time
+        server.close_needed = m.close_needed
+        pool.adopt(server)
+
+    def want(self, pool: Pool) -> None:
+        """Ask workers holding servers of ``pool`` to hand idle ones over (rate-limited)."""
+        seg = self.worker.segment
+        now = _monotonic()
+        message = None
+        for slot in range(seg.max_workers):
+            if slot == self.slot or not seg.cell_get(pool.rows[0], slot, "servers"):
+                continue
+            key = (pool.dbname, pool.user, slot)
+            if now - self._want_sent.get(key, 0.0) < WANT_INTERVAL:
+                continue
+            self._want_sent[key] = now
+            message = message or channel.Want(pool.dbname, pool.user, self.slot)
+            self.inboxes.send(slot, message)  # best effort: releases check the flags anyway
+
+    def _on_want(self, m: channel.Want, fds: list[int]) -> None:
+        pool = self.worker.pools.get((m.db, m.user))
+        if pool is not None:
+            pool.offer_idle()
+
+    # ------------------------------------------------------------------ cancel
+
+    def relay_cancel(self, slot: int, pid: int, key: int) -> None:
+        self.post(slot, channel.Cancel(pid, key))
+
+    def _on_cancel(self, m: channel.Cancel, fds: list[int]) -> None:
+        self.worker.cancel_local(m.pid, m.key)
+
+    # ------------------------------------------------------------------ admin gathers
+
+    def gather(self, what: str) -> list[list]:
+        """Rows of ``what`` from every worker, this one included (greenlet context)."""
+        req, pending = self._ask(lambda req: channel.Gather(req, what, self.slot))
+        rows = list(self.worker.admin_rows(what))
+        pending.done.wait(GATHER_TIMEOUT)
+        self._pending.pop(req, None)
+        return rows + pending.rows
+
+    def publish_all(self) -> None:
+        """Have every worker write its counters to shared memory now (greenlet context)."""
+        req, pending = self._ask(lambda req: channel.Publish(req, self.slot))
+        self.worker.publish()
+        pending.done.wait(GATHER_TIMEOUT)
+        self._pending.pop(req, None)
+
+    def _ask(self, make: Callable[[int], channel.Message]) -> tuple[int, _Pending]:
+        req = next(self._req)
+        slots = set(self.live_slots())
+        pending = self._pending[req] = _Pending(slots)
+        for slot in slots:
+            self.post(slot, make(req))
+        return req, pending
+
+    def _on_gather(self, m: channel.Gather, fds: list[int]) -> None:
+        rows = [list(r) for r in self.worker.admin_rows(m.what)]
+        for i in range(0, max(len(rows), 1), ROWS_PER_MESSAGE):
+            chunk = rows[i : i + ROWS_PER_MESSAGE]
+            self.post(m.reply_to, channel.Rows(m.req, self.slot, chunk,
+                                               i + ROWS_PER_MESSAGE >= len(rows)))
+
+    def _on_rows(self, m: channel.Rows, fds: list[int]) -> None:
+        pending = self._pending.get(m.req)
+        if pending is None:
+            return
+        pending.rows.extend(m.rows)
+        if m.done:
+            self._finish(pending, m.slot)
+
+    def _on_publish(self, m: channel.Publish, fds: list[int]) -> None:
+        self.worker.publish()
+        self.post(m.reply_to, channel.Done(m.req, self.slot))
+
+    def _on_done(self, m: channel.Done, fds: list[int]) -> None:
+        pending = self._pending.get(m.req)
+        if pending is not None:
+            self._finish(pending, m.slot)
+
+    @staticmethod
+    def _finish(pending: _Pending, slot: int) -> None:
+        pending.slots.discard(slot)
+        if not pending.slots:
+            pending.done.set()
+
