@@ -20,6 +20,7 @@ notifications, and the PostgreSQL log lines written during the test.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -98,6 +99,19 @@ def pg(pg_bin: Path) -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pgbench_db(pg: PgCluster) -> str:
+    """Databases ``bench`` and ``bench_b`` with pgbench's tables (scale 1), made once per
+    cluster; returns ``"bench"``. Tests only read them (pgbench -S) or run TPC-B on them."""
+    for name in ("bench", "bench_b"):
+        pg.sql("CREATE DATABASE %s" % name, dbname="postgres")
+        subprocess.run([pg.pgbench_path, "-i", "-q", "-s", "1", "-h", pg.host, "-p",
+                        str(pg.port), "-U", "postgres", name], check=True,
+                       capture_output=True, timeout=120)
+        pg.sql("GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC", dbname=name)
+    return "bench"
 
 
 @pytest.fixture(autouse=True)

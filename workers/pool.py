@@ -310,8 +310,7 @@ class Pool:
         for other in self.worker.pools.values():
             related = other.dbname == self.dbname if shared == "db" else other.user == self.user
             if other is not self and related and other.close_idle("evicted by connection limit"):
-                self.grow()
-                return
+                return  # its backend's exit frees the room: room_freed() grows this pool
 
     def _connect(self) -> None:
         from .login import LoginFailed, open_server  # login imports pool's neighbours
@@ -389,19 +388,21 @@ class Pool:
                 return
             budget[slot] -= 1
 
-    def server_gone(self, server: Server, counted: bool = True) -> None:
-        """``server`` left this pool: closed (``counted``) or handed to another worker."""
-        if server in self.servers:
-            self.servers.discard(server)
-            if counted:
-                self.worker.limits.server_closed(self.rows)
-                self.full_until = 0.0
+    def server_gone(self, server: Server) -> None:
+        """``server`` left this pool (closing, or handed to another worker)."""
+        self.servers.discard(server)
         try:
             self.idle.remove(server)
         except ValueError:
             pass
-        if self.waiting:
-            self.grow()
+
+    def room_freed(self) -> None:
+        """A server of this pool stopped counting: waiting clients here may get one now, and
+        so may those of pools sharing its max_db/max_user_connections."""
+        for pool in self.worker.pools.values():
+            if pool.waiting and (pool.dbname == self.dbname or pool.user == self.user):
+                pool.full_until = 0.0
+                pool.grow()
 
     def close_idle(self, reason: str) -> bool:
         """Close one idle server (the least recently used); False when there is none."""

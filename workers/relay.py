@@ -477,26 +477,50 @@ class Server(Conn):
         self.closed = True
         self.stop_io()
         self.sock.close()  # our descriptor only: the connection travels in the message
-        self.pool.server_gone(self, counted=False)
+        self.pool.server_gone(self)
 
     def close(self, reason: str, client_error: str | None = None) -> None:
-        """Close this server; a linked client cannot continue without it and is closed too."""
+        """Close this server; a linked client cannot continue without it and is closed too.
+
+        The server leaves its pool at once but stays counted against the limits until its
+        backend is gone (EOF after our Terminate): PostgreSQL must never see more servers
+        than a limit allows, not even while one of them is still exiting.
+        """
         if self.closed:
             return
         self.closed = True
-        if self.internal is None and self.out is None:
-            try:
-                self.sock.send(proto.TERMINATE)
-            except OSError:
-                pass
-        self.stop_io()
-        self.sock.close()
         client, self.client = self.client, None
         if self.worker.settings.log_disconnections:
             log.info("S-%d: %s/%s@%s:%d closing because: %s (age=%ds)", self.id,
                      self.pool.dbname, self.pool.user, self.addr, self.port, reason,
                      int(_monotonic() - self.born))
         self.pool.server_gone(self)
+        self.rw.stop()
+        self.ww.stop()
+        try:
+            self.sock.send(proto.TERMINATE)
+            self.rw.start(self._on_closing)
+            self.worker.closing[self] = _monotonic()
+        except OSError:
+            self.gone()
         if client is not None:
             client.server = None
             client.disconnect(reason, error=client_error or reason)
+
+    def _on_closing(self) -> None:
+        try:
+            if self.sock.recv(BUF_SIZE):
+                return  # whatever it still had to say; we only wait for its end
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.gone()
+
+    def gone(self) -> None:
+        """The backend is gone (or given up on): stop counting this server."""
+        self.worker.closing.pop(self, None)
+        self.stop_io()
+        self.sock.close()
+        self.worker.limits.server_closed(self.pool.rows)
+        self.pool.room_freed()

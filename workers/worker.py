@@ -44,6 +44,7 @@ _monotonic = time.monotonic
 HOUSEKEEPING_PERIOD = 0.25  # janitor + heartbeat, seconds
 ACCEPT_BATCH = 32  # connections accepted per wakeup, so one burst cannot starve the relay
 PR_SET_PDEATHSIG = 1
+CLOSE_WAIT = 10  # seconds a closed server stays counted at most, waiting for its backend
 
 
 class Worker:
@@ -59,6 +60,7 @@ class Worker:
         self.clients: dict[int, Client] = {}
         self.cancel_keys: dict[tuple[int, int], Client] = {}
         self.auto_databases: dict[str, Database] = {}
+        self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
         self.logins = 0
         self.draining = False
         self.apply_config(config)
@@ -212,6 +214,11 @@ class Worker:
         try:
             for pool in list(self.pools.values()):
                 pool.janitor(now)
+            for server, since in list(self.closing.items()):
+                if now - since > CLOSE_WAIT:
+                    log.warning("S-%d: backend did not end within %ds of Terminate; "
+                                "no longer counted", server.id, CLOSE_WAIT)
+                    server.gone()
         except Exception:
             log.exception("janitor failed")
         self._publish_slot()
