@@ -98,7 +98,8 @@ class Ack(msgspec.Struct, tag=True, array_like=True):
 
 
 class Command(msgspec.Struct, tag=True, array_like=True):
-    """Admin console control commands that act on every worker (PAUSE, KILL, ...)."""
+    """Admin console control commands that act on every worker (PAUSE, KILL, ...), or on
+    the master (RELOAD, SHUTDOWN)."""
 
     req: int
     reply_to: int
@@ -106,7 +107,16 @@ class Command(msgspec.Struct, tag=True, array_like=True):
     arg: str = ""
 
 
-Message = Union[Handoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack, Command]
+class Reply(msgspec.Struct, tag=True, array_like=True):
+    """The answer to a Command: ``error`` is empty on success."""
+
+    req: int
+    slot: int
+    error: str = ""
+
+
+Message = Union[Handoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack, Command,
+                Reply]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

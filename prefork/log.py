@@ -38,6 +38,20 @@ def set_role(role: str) -> None:
     _Formatter.role = role
 
 
+def reopen(logfile: str, verbose: int) -> None:
+    """After a reload: a fresh handle on the (maybe rotated or renamed) log file, same stderr."""
+    root = logging.getLogger("pgherd")
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if logfile:
+        handler = logging.FileHandler(logfile, mode="a", encoding="utf-8")
+        handler.setFormatter(_formatter)
+        root.addHandler(handler)
+
+
 def setup(logfile: str, verbose: int, quiet: bool) -> None:
     """Log to ``logfile`` (if set) and to stderr (unless quiet); replaces earlier handlers."""
     root = logging.getLogger("pgherd")

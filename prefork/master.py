@@ -1,10 +1,17 @@
-"""The master process: listeners, worker spawn/reap/respawn, signals, shutdown, readiness.
+"""The master process: listeners, worker spawn/reap/respawn, signals, reload, shutdown.
 
 It runs no pooling code and imports no gevent. Its loop waits on a self-pipe that Python's
 ``signal.set_wakeup_fd`` writes signal numbers into, so signal handlers do nothing themselves
 and every signal is acted on in :meth:`Master._on_signal` — the one place where the master
 handles a signal. Signals follow PgBouncer 1.23+: TERM waits for clients, INT waits for
-servers, QUIT exits at once; a second TERM/INT also exits at once.
+servers, QUIT exits at once; a second TERM/INT also exits at once; HUP reloads; USR1/USR2
+pause and resume.
+
+Reload (:meth:`Master.reload`): the whole configuration is read and validated first; an
+invalid one changes nothing. A valid one gets a new epoch and goes to every worker in a memfd
+(it may be large), each applies it in place and acknowledges; systemd hears RELOADING=1 and,
+once every worker has acknowledged, READY=1. Settings that need a restart keep their old
+value and are logged as such, as PgBouncer does.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ import time
 
 from ipc import channel, shm
 
+import msgspec
+
 from . import listeners, log as plog, pidfile, systemd
-from .config import Config
+from .config import Config, ConfigError, load_config
+from .settings import SETTINGS
 
 log = logging.getLogger("pgherd")
 
@@ -51,8 +61,15 @@ class Slot:
 
 
 class Master:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, overrides: dict[str, str] | None = None,
+                 verbose: int = 0) -> None:
         self.config = config
+        self.overrides = overrides or {}
+        self.verbose = verbose
+        self.epoch = 0
+        self.pending_acks: set[int] = set()
+        self.reload_failures = 0
+        self.reload_waiters: list[tuple[int, int]] = []  # (slot, req) asking for RELOAD
         self.slots: list[Slot] = []
         self.unix: socket.socket | None = None
         self.segment: shm.Segment | None = None
@@ -101,17 +118,20 @@ class Master:
         return self.exit_code
 
     def _loop(self) -> None:
+        mail = self.inboxes.rx[self.inboxes.master]
         while True:
             try:
-                readable, _, _ = select.select([self._wake_r], [], [], TICK)
+                readable, _, _ = select.select([self._wake_r, mail], [], [], TICK)
             except InterruptedError:
                 readable = [self._wake_r]
-            if readable:
+            if self._wake_r in readable:
                 try:
                     for signum in os.read(self._wake_r, 512):
                         self._on_signal(signum)
                 except BlockingIOError:
                     pass
+            if mail in readable:
+                self._read_mail()
             self._reap()
             self._release_ghosts()
             if self.stopping:
@@ -130,10 +150,17 @@ class Master:
         if signum == signal.SIGCHLD:
             return  # reaping happens on every round
         if signum == signal.SIGHUP:
-            log.info("got SIGHUP: live reload is not available yet; configuration unchanged")
+            if self.stopping:
+                log.info("got SIGHUP while shutting down, ignoring")
+            else:
+                self.reload()
             return
         if signum in (signal.SIGUSR1, signal.SIGUSR2):
-            log.info("got %s: PAUSE/RESUME is not available yet", signal.Signals(signum).name)
+            if self.stopping:
+                log.info("got %s while shutting down, ignoring", signal.Signals(signum).name)
+                return
+            self._broadcast(channel.Command(0, -1, "PAUSE" if signum == signal.SIGUSR1
+                                            else "RESUME"))
             return
         if signum == signal.SIGQUIT or self.stopping:
             self._stop("now", signal.SIGQUIT, 2.0)
@@ -153,6 +180,142 @@ class Master:
         self._close_listeners()
         self._signal_workers(worker_signal)
 
+    # ------------------------------------------------------------------ reload
+
+    def reload(self, requester: tuple[int, int] | None = None) -> bool:
+        """Re-read everything; apply it live if valid, change nothing if not."""
+        systemd.notify("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+        try:
+            new = load_config(self.config.path, self.overrides)
+        except ConfigError as exc:
+            self.reload_failures += 1
+            for problem in exc.problems:
+                log.error("RELOAD failed: %s", problem)
+            log.error("RELOAD failed: configuration unchanged")
+            systemd.notify("READY=1", "STATUS=reload failed, old configuration in force")
+            if requester is not None:
+                self._reply(requester, "RELOAD failed, see logs for additional details")
+            return False
+        for problem in new.warnings:
+            log.warning("%s", problem)
+        new = self._keep_restart_settings(new)
+        old_workers = self.config.settings.workers
+        self.config = new
+        self.epoch += 1
+        self.segment.epoch = self.epoch
+        plog.reopen(new.settings.logfile, max(self.verbose, new.settings.verbose))
+        fd = os.memfd_create("pgherd-config", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, msgspec.msgpack.encode(new))
+            self.pending_acks = set()
+            for slot in self.slots:
+                if slot.pid and slot.index < new.settings.workers:
+                    if self.inboxes.send(slot.index, channel.Reload(self.epoch), [fd]):
+                        self.pending_acks.add(slot.index)
+                    else:
+                        log.error("worker %d: control channel full, reload not delivered",
+                                  slot.index)
+        finally:
+            os.close(fd)
+        if requester is not None:
+            self.reload_waiters.append(requester)
+        log.info("RELOAD: configuration epoch %d sent to %d workers", self.epoch,
+                 len(self.pending_acks))
+        if new.settings.workers != old_workers:
+            self._resize(old_workers, new.settings.workers)
+        self._maybe_reloaded()
+        return True
+
+    def _keep_restart_settings(self, new: Config) -> Config:
+        """Settings that need a restart keep their running value; say so once per change."""
+        kept = {}
+        for name, setting in SETTINGS.items():
+            old_value = getattr(self.config.settings, name)
+            if not setting.reload and getattr(new.settings, name) != old_value:
+                log.warning("setting %s changed but needs a restart: keeping %s", name,
+                            setting.render(old_value))
+                kept[name] = old_value
+        if not kept:
+            return new
+        settings = msgspec.structs.replace(new.settings, **kept)
+        return msgspec.structs.replace(new, settings=settings)
+
+    def _resize(self, old: int, new: int) -> None:
+        """Live worker-count change: new slots get listeners and workers; extra ones drain."""
+        log.info("workers: %d -> %d", old, new)
+        for index in range(len(self.slots), new):
+            try:
+                self.slots.append(Slot(index, listeners.bind_tcp(self.config)))
+            except listeners.ListenError as exc:
+                log.error("cannot add worker %d: %s", index, exc)
+                return
+        for slot in self.slots[:new]:
+            if not slot.pid and not slot.tcp:  # a slot shrunk earlier comes back
+                slot.tcp = listeners.bind_tcp(self.config)
+        for slot in self.slots[new:]:
+            if slot.pid:
+                os.kill(slot.pid, signal.SIGTERM)  # drains, then exits; not respawned
+            for sock in slot.tcp:
+                sock.close()
+            slot.tcp = []
+
+    def _read_mail(self) -> None:
+        while True:
+            try:
+                got = self.inboxes.receive(self.inboxes.master)
+            except msgspec.DecodeError as exc:
+                log.error("undecodable control message dropped: %s", exc)
+                continue
+            if got is None:
+                return
+            message, fds = got
+            for fd in fds:
+                os.close(fd)
+            if isinstance(message, channel.Ack):
+                if message.error:
+                    log.error("worker %d could not apply epoch %d: %s", message.slot,
+                              message.epoch, message.error)
+                if message.epoch == self.epoch:
+                    self.pending_acks.discard(message.slot)
+                    self._maybe_reloaded()
+            elif isinstance(message, channel.Command):
+                self._on_command(message)
+
+    def _on_command(self, command: channel.Command) -> None:
+        requester = (command.reply_to, command.req)
+        if command.name == "RELOAD":
+            self.reload(requester)
+        elif command.name == "SHUTDOWN":
+            mode = {"": "now", "WAIT_FOR_CLIENTS": "clients", "WAIT_FOR_SERVERS": "servers"}
+            how = mode.get(command.arg, "now")
+            self._reply(requester, "")
+            self._stop(how, {"now": signal.SIGQUIT, "clients": signal.SIGTERM,
+                             "servers": signal.SIGINT}[how],
+                       2.0 if how == "now" else self.config.settings.shutdown_timeout)
+        else:
+            self._reply(requester, "unknown command %s" % command.name)
+
+    def _reply(self, requester: tuple[int, int], error: str) -> None:
+        slot, req = requester
+        self.inboxes.send(slot, channel.Reply(req, self.inboxes.master, error))
+
+    def _maybe_reloaded(self) -> None:
+        live = {slot.index for slot in self.slots if slot.pid}
+        self.pending_acks &= live
+        if self.pending_acks:
+            return
+        systemd.notify("READY=1", "STATUS=%d workers serving, configuration epoch %d" % (
+            len(live), self.epoch))
+        for requester in self.reload_waiters:
+            self._reply(requester, "")
+        self.reload_waiters = []
+
+    def _broadcast(self, message: channel.Message) -> None:
+        for slot in self.slots:
+            if slot.pid and not self.inboxes.send(slot.index, message):
+                log.error("worker %d: control channel full, %s not delivered", slot.index,
+                          type(message).__name__)
+
     def _signal_workers(self, signum: int) -> None:
         for slot in self.slots:
             if slot.pid:
@@ -167,7 +330,7 @@ class Master:
         slot.generation += 1
         self.segment.reset(slot.index, generation=slot.generation, state=shm.STARTING,
                            restarts=slot.restarts, started_ns=time.monotonic_ns(),
-                           heartbeat_ns=time.monotonic_ns())
+                           heartbeat_ns=time.monotonic_ns(), epoch=self.epoch)
         master_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
@@ -194,7 +357,8 @@ class Master:
             from workers.worker import run
 
             socks = list(slot.tcp) + ([self.unix] if self.unix else [])
-            run(slot.index, self.config, self.segment, self.inboxes, socks, master_pid)
+            run(slot.index, self.config, self.epoch, self.segment, self.inboxes, socks,
+                master_pid)
         except BaseException:
             log.exception("worker %d could not start", slot.index)
         finally:
@@ -241,8 +405,11 @@ class Master:
         now = time.monotonic()
         now_ns = time.monotonic_ns()
         all_ready = True
+        wanted = self.config.settings.workers
         for slot in self.slots:
             if not slot.pid:
+                if slot.index >= wanted:
+                    continue  # shrunk away by a reload
                 all_ready = False
                 if now >= slot.respawn_at:
                     slot.restarts += 1
@@ -258,7 +425,7 @@ class Master:
                     os.kill(slot.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        if all_ready and not self.ready_sent:
+        if all_ready and not self.ready_sent and not self.pending_acks:
             self.ready_sent = True
             log.info("all %d workers ready", len(self.slots))
             systemd.notify("READY=1", "STATUS=%d workers serving" % len(self.slots),

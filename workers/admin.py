@@ -35,7 +35,9 @@ I4, I8, NUM, TEXT = proto.OID_INT4, proto.OID_INT8, proto.OID_NUMERIC, proto.OID
 
 
 class AdminError(Exception):
-    pass
+    def __init__(self, text: str, sqlstate: str = "08P01") -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
 
 
 def admin_login(worker: Worker, sock: socket.socket, reader: MessageReader, deadline: float,
@@ -98,7 +100,7 @@ def _serve(worker: Worker, sock: socket.socket, reader: MessageReader, admin: bo
         try:
             out = run_command(worker, text, admin)
         except AdminError as exc:
-            out = proto.error_response(str(exc), "08P01", "ERROR")
+            out = proto.error_response(str(exc), exc.sqlstate, "ERROR")
         send_all(sock, out + proto.ready_for_query(), time.monotonic() + 10)
 
 
@@ -118,7 +120,10 @@ def run_command(worker: Worker, text: str, admin: bool) -> bytes:
         return _table(columns, rows, "SHOW")
     if not admin:
         raise AdminError("admin access needed")
-    raise AdminError("invalid command '%s', use SHOW HELP;" % text.strip())
+    control = _CONTROL.get(verb)
+    if control is None:
+        raise AdminError("invalid command '%s', use SHOW HELP;" % text.strip())
+    return control(worker, arg)
 
 
 def _table(columns: list[tuple[str, int]], rows: Iterable[Iterable[object]], tag: str) -> bytes:
@@ -263,6 +268,52 @@ def _show_databases(worker: Worker):
                      0, clients.get(db.name, 0), 0, 0))
     return cols, rows
 
+
+# --------------------------------------------------------------------------- control commands
+
+
+def _reload(worker: Worker, arg: str) -> bytes:
+    if worker.exchange.command_master("RELOAD"):
+        raise AdminError("RELOAD failed, see logs for additional details", "F0000")
+    return proto.command_complete("RELOAD")
+
+
+def _whole_pooler_only(command: str, arg: str) -> None:
+    if arg:
+        raise AdminError("%s of a single database is not supported yet" % command)
+
+
+def _pause(worker: Worker, arg: str) -> bytes:
+    _whole_pooler_only("PAUSE", arg)
+    if worker.paused:
+        raise AdminError("already suspended/paused")
+    _check(worker.exchange.command_all("PAUSE", arg))
+    return proto.command_complete("PAUSE")
+
+
+def _resume(worker: Worker, arg: str) -> bytes:
+    _whole_pooler_only("RESUME", arg)
+    if not worker.paused:
+        raise AdminError("pooler is not paused/suspended")
+    _check(worker.exchange.command_all("RESUME", arg))
+    return proto.command_complete("RESUME")
+
+
+def _shutdown(worker: Worker, arg: str) -> bytes:
+    if arg not in ("", "WAIT_FOR_CLIENTS", "WAIT_FOR_SERVERS"):
+        raise AdminError("invalid command 'SHUTDOWN %s', use SHOW HELP;" % arg)
+    _check([e for e in [worker.exchange.command_master("SHUTDOWN", arg)] if e])
+    return proto.command_complete("SHUTDOWN")
+
+
+def _check(errors: list[str]) -> None:
+    if errors:
+        raise AdminError("; ".join(errors))
+
+
+_CONTROL: dict[str, Callable[[Worker, str], bytes]] = {
+    "RELOAD": _reload, "PAUSE": _pause, "RESUME": _resume, "SHUTDOWN": _shutdown,
+}
 
 _SHOW: dict[str, Callable] = {
     "VERSION": _show_version, "CONFIG": _show_config, "POOLS": _show_pools,

@@ -40,11 +40,12 @@ ROWS_PER_MESSAGE = 500
 
 
 class _Pending:
-    __slots__ = ("slots", "rows", "done")
+    __slots__ = ("slots", "rows", "errors", "done")
 
     def __init__(self, slots: set[int]) -> None:
         self.slots = slots
         self.rows: list[list] = []
+        self.errors: list[str] = []
         self.done = gevent.event.Event()
         if not slots:
             self.done.set()
@@ -66,7 +67,7 @@ class Exchange:
             channel.Handoff: self._on_handoff, channel.Want: self._on_want,
             channel.Cancel: self._on_cancel, channel.Gather: self._on_gather,
             channel.Rows: self._on_rows, channel.Publish: self._on_publish,
-            channel.Done: self._on_done,
+            channel.Done: self._on_done, channel.Reply: self._on_reply,
         }
         self._watcher = worker.loop.io(inboxes.rx[self.slot].fileno(), 1)
 
@@ -204,9 +205,34 @@ class Exchange:
         pending.done.wait(GATHER_TIMEOUT)
         self._pending.pop(req, None)
 
-    def _ask(self, make: Callable[[int], channel.Message]) -> tuple[int, _Pending]:
+    def command_all(self, name: str, arg: str = "", timeout: float = 60.0) -> list[str]:
+        """Run a control command on every worker, this one included; their errors."""
+        req, pending = self._ask(lambda req: channel.Command(req, self.slot, name, arg),
+                                 include_self=True)
+        pending.done.wait(timeout)
+        self._pending.pop(req, None)
+        if pending.slots:
+            pending.errors.append("no answer from worker(s) %s" % sorted(pending.slots))
+        return pending.errors
+
+    def command_master(self, name: str, arg: str = "", timeout: float = 60.0) -> str:
+        """Ask the master (RELOAD, SHUTDOWN); its error text, empty on success."""
+        master = self.inboxes.master
+        req = next(self._req)
+        pending = self._pending[req] = _Pending({master})
+        self.post(master, channel.Command(req, self.slot, name, arg))
+        if not pending.done.wait(timeout):
+            self._pending.pop(req, None)
+            return "no answer from the master"
+        self._pending.pop(req, None)
+        return "; ".join(pending.errors)
+
+    def _ask(self, make: Callable[[int], channel.Message],
+             include_self: bool = False) -> tuple[int, _Pending]:
         req = next(self._req)
         slots = set(self.live_slots())
+        if include_self:
+            slots.add(self.slot)
         pending = self._pending[req] = _Pending(slots)
         for slot in slots:
             self.post(slot, make(req))
@@ -230,6 +256,13 @@ class Exchange:
     def _on_publish(self, m: channel.Publish, fds: list[int]) -> None:
         self.worker.publish()
         self.post(m.reply_to, channel.Done(m.req, self.slot))
+
+    def _on_reply(self, m: channel.Reply, fds: list[int]) -> None:
+        pending = self._pending.get(m.req)
+        if pending is not None:
+            if m.error:
+                pending.errors.append(m.error)
+            self._finish(pending, m.slot)
 
     def _on_done(self, m: channel.Done, fds: list[int]) -> None:
         pending = self._pending.get(m.req)

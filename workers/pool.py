@@ -75,6 +75,7 @@ class Pool:
         self.stats = PoolStats()
         self._grow_pending = False
         self.full_until = 0.0  # a limit refused a new server until then: do not ask again
+        self.size = self.reserve = 0
         self.apply_config()
 
     def apply_config(self) -> None:
@@ -91,8 +92,12 @@ class Pool:
             return default
 
         self.mode = pick("pool_mode", s.pool_mode)
-        self.size = pick("pool_size", s.default_pool_size)
-        self.reserve = pick("reserve_pool_size", s.reserve_pool_size)
+        size = pick("pool_size", s.default_pool_size)
+        reserve = pick("reserve_pool_size", s.reserve_pool_size)
+        # Fewer servers allowed than before: close the surplus as it is released.
+        self.check_surplus = (size, reserve) != (self.size, self.reserve)
+        self.size = size
+        self.reserve = reserve
         self.min_size = db.min_pool_size if db.min_pool_size is not None else s.min_pool_size
         self.lifetime = db.server_lifetime if db.server_lifetime is not None else s.server_lifetime
         qwt = getattr(u, "query_wait_timeout", None) if u else None
@@ -108,7 +113,7 @@ class Pool:
         None means the client must park its request: it is queued, or a server is being
         checked or aligned for it, and :meth:`Client.resume` will be called when it is linked.
         """
-        server = self._take_idle()
+        server = None if self.worker.paused else self._take_idle()
         if server is not None:
             return server if self._link(client, server) else None
         client.state = "waiting"
@@ -240,18 +245,29 @@ class Pool:
         """Close ``server`` instead of reusing it when it is marked, too old or surplus."""
         if server.close_needed:
             server.close("database configuration changed")
+        elif self.worker.paused:
+            server.close("pause")
         elif self.lifetime and now - server.born > self.lifetime:
             server.close("server lifetime over")
-        elif self.size and len(self.servers) > self.size + self.reserve:
+        elif self.check_surplus and self._surplus():
             server.close("pool size reduced")
         else:
             return False
         return True
 
+    def _surplus(self) -> bool:
+        """More servers than the (reloaded, smaller) size allows, across all workers?"""
+        if self.size and self.worker.segment.servers_total(self.rows[0]) > self.size + self.reserve:
+            return True
+        self.check_surplus = False
+        return False
+
     # -------------------------------------------------------------------- growth
 
     def grow(self) -> None:
         """Open server connections for waiting clients, as far as the limits allow."""
+        if self.worker.paused:
+            return
         if self.login_failed_at and _monotonic() - self.login_failed_at < self.worker.settings.server_login_retry:
             return
         want = len(self.waiting) - self.connecting
@@ -365,7 +381,8 @@ class Pool:
         """A server handed over by another worker joins this pool."""
         self.servers.add(server)
         server.start()
-        self.give(server)
+        if not self._retire(server, _monotonic()):
+            self.give(server)
 
     def offer_idle(self) -> None:
         """Another worker asked: hand over idle servers this worker has no client for."""
@@ -403,6 +420,23 @@ class Pool:
             if pool.waiting and (pool.dbname == self.dbname or pool.user == self.user):
                 pool.full_until = 0.0
                 pool.grow()
+
+    def close_idle_all(self, reason: str) -> None:
+        while self.idle:
+            self.idle.popleft().close(reason)
+
+    def mark_close_needed(self) -> None:
+        """The database's connection settings changed: replace every server as it frees."""
+        for server in list(self.servers):
+            server.close_needed = True
+        self.close_idle_all("database configuration changed")
+
+    def kill(self, reason: str) -> None:
+        """Disconnect every client and server of this pool (database removed, KILL)."""
+        for client in list(self.clients):
+            client.disconnect(reason, error=reason)
+        for server in list(self.servers):
+            server.close(reason)
 
     def close_idle(self, reason: str) -> bool:
         """Close one idle server (the least recently used); False when there is none."""

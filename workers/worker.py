@@ -27,6 +27,8 @@ import gevent.event
 import msgspec
 
 from ipc import channel, shm
+from prefork import log as plog
+from prefork.config import Config
 
 from .exchange import Exchange
 from .limits import Limits
@@ -36,7 +38,7 @@ from .relay import Client
 from .varcache import Tracked
 
 if TYPE_CHECKING:
-    from prefork.config import Config, Database
+    from prefork.config import Database
 
 log = logging.getLogger("pgherd")
 _monotonic = time.monotonic
@@ -50,7 +52,7 @@ CLOSE_WAIT = 10  # seconds a closed server stays counted at most, waiting for it
 class Worker:
     """Everything one worker process owns."""
 
-    def __init__(self, slot: int, config: Config, segment: shm.Segment,
+    def __init__(self, slot: int, config: Config, epoch: int, segment: shm.Segment,
                  inboxes: channel.Inboxes, listeners: list[socket.socket]) -> None:
         self.slot = slot
         self.segment = segment
@@ -63,19 +65,105 @@ class Worker:
         self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
         self.logins = 0
         self.draining = False
-        self.apply_config(config)
+        self.paused = False
+        self.apply_config(config, epoch)
         self.limits = Limits(self)
         self.exchange = Exchange(self, inboxes)
+        self.exchange.on(channel.Reload, self._on_reload)
+        self.exchange.on(channel.Command, self._on_command)
         self._ids = itertools.count(1)
         self._hosts: dict[str, itertools.count] = {}
         self._accepting: list = []
         self.stopped = gevent.event.Event()
 
-    def apply_config(self, config: Config, epoch: int = 0) -> None:
+    def apply_config(self, config: Config, epoch: int) -> None:
         self.config = config
         self.config_epoch = epoch
         self.settings = config.settings
         self.tracked = Tracked(config.settings.track_extra_parameters)
+
+    # ------------------------------------------------------------------ reload
+
+    def _on_reload(self, message: channel.Reload, fds: list[int]) -> None:
+        error = ""
+        try:
+            size = os.fstat(fds[0]).st_size
+            config = msgspec.msgpack.decode(os.pread(fds[0], size, 0), type=Config)
+            self.reload(config, message.epoch)
+        except Exception as exc:  # the old configuration stays in force
+            log.exception("worker %d could not apply configuration epoch %d", self.slot,
+                          message.epoch)
+            error = str(exc) or type(exc).__name__
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.exchange.post(self.exchange.inboxes.master, channel.Ack(message.epoch, self.slot,
+                                                                     error))
+
+    def reload(self, config: Config, epoch: int) -> None:
+        """Apply a new configuration in place: no client is dropped for it.
+
+        Pools re-derive modes and sizes; servers of a database whose connection settings
+        changed are replaced as they are released (PgBouncer's close_needed); clients of a
+        removed database are disconnected ("database removed").
+        """
+        old = self.config
+        self.apply_config(config, epoch)
+        plog.reopen(config.settings.logfile, config.settings.verbose)
+        self.auto_databases = {}
+        for key, pool in list(self.pools.items()):
+            db = self.database(pool.dbname)
+            if db is None:
+                pool.kill("database removed")
+                del self.pools[key]
+                continue
+            if _connection(db) != _connection(pool.db):
+                pool.mark_close_needed()
+            pool.db = db
+            pool.password = db.password or config.userlist.get(pool.user)
+            pool.apply_config()
+        if old.settings.max_client_conn != config.settings.max_client_conn:
+            log.info("max_client_conn is now %d", config.settings.max_client_conn)
+        self._publish_slot()
+        log.info("worker %d: configuration epoch %d applied", self.slot, epoch)
+
+    # ------------------------------------------------------------------ commands
+
+    def _on_command(self, command: channel.Command, fds: list[int]) -> None:
+        gevent.spawn(self._run_command, command)
+
+    def _run_command(self, command: channel.Command) -> None:
+        error = ""
+        if command.name == "PAUSE":
+            self.pause()
+            self._wait_released()
+        elif command.name == "RESUME":
+            self.resume()
+        else:
+            error = "unknown command %s" % command.name
+        if command.reply_to >= 0:
+            self.exchange.post(command.reply_to, channel.Reply(command.req, self.slot, error))
+
+    def pause(self) -> None:
+        """PgBouncer's PAUSE: hand out no server; close each as its transaction ends."""
+        self.paused = True
+        for pool in self.pools.values():
+            pool.close_idle_all("pause")
+        self.publish()
+        log.info("worker %d paused", self.slot)
+
+    def _wait_released(self) -> None:
+        """Until no server of this worker is in use (or PAUSE was undone meanwhile)."""
+        while self.paused and any(p.servers for p in self.pools.values()):
+            gevent.sleep(0.02)
+
+    def resume(self) -> None:
+        self.paused = False
+        for pool in self.pools.values():
+            pool.full_until = 0.0
+            if pool.waiting:
+                pool.grow()
+        log.info("worker %d resumed", self.slot)
 
     # ------------------------------------------------------------------ lookups and ids
 
@@ -288,6 +376,12 @@ class Worker:
         self.stopped.set()
 
 
+def _connection(db: Database) -> tuple:
+    """What a server connection depends on: a change means replacing the servers."""
+    return (db.host, db.port, db.dbname, db.user, db.password, db.connect_query,
+            db.client_encoding, db.datestyle, db.timezone, db.application_name)
+
+
 def _die_with_parent(master_pid: int) -> None:
     """No worker may outlive the master: the kernel kills us if it dies, however it dies."""
     try:
@@ -299,15 +393,15 @@ def _die_with_parent(master_pid: int) -> None:
         os._exit(1)
 
 
-def run(slot: int, config: Config, segment: shm.Segment, inboxes: channel.Inboxes,
-        listeners: list[socket.socket], master_pid: int) -> NoReturn:
+def run(slot: int, config: Config, epoch: int, segment: shm.Segment,
+        inboxes: channel.Inboxes, listeners: list[socket.socket], master_pid: int) -> NoReturn:
     """Entry point of a worker process, called right after fork()."""
     code = 0
     try:
         _die_with_parent(master_pid)
         segment.attach()
         inboxes.keep_only(slot)
-        worker = Worker(slot, config, segment, inboxes, listeners)
+        worker = Worker(slot, config, epoch, segment, inboxes, listeners)
         worker.start()
         worker.stopped.wait()
     except BaseException:
