@@ -149,6 +149,7 @@ class Segment:
         # servers, sent, received of every cell of a row in one unpack: the admission check
         # runs it under the lock, so it must be quick.
         self._no_flags = bytes(max_workers)
+        self._clients = struct.Struct("<" + ("Q%dx" % (SLOT_SIZE - 8)) * (max_workers - 1) + "Q")
         self._counts = struct.Struct("<" + ("3Q%dx" % (CELL_SIZE - 24)) * max_workers)
 
     @classmethod
@@ -236,9 +237,8 @@ class Segment:
         return [self.read(i) for i in range(count if count is not None else self.max_workers)]
 
     def total_clients(self) -> int:
-        mm = self.mm
-        off = self.slots_offset + _SLOT_OFFSET["clients"]
-        return sum(_Q.unpack_from(mm, off + i * SLOT_SIZE)[0] for i in range(self.max_workers))
+        """Admitted clients of all workers (max_client_conn runs this under the lock)."""
+        return sum(self._clients.unpack_from(self.mm, self.slots_offset + _SLOT_OFFSET["clients"]))
 
     # -- rows --------------------------------------------------------------------------
 

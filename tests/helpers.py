@@ -264,7 +264,7 @@ def make_dsn(
         netloc = f"{auth}@{host}:{port}"
     url = f"postgresql://{netloc}/{quote(dbname, safe='')}"
     if query:
-        url += "?" + urlencode({k: str(v) for k, v in query.items()})
+        url += "?" + urlencode({k: str(v) for k, v in query.items()}, quote_via=quote)
     return url
 
 

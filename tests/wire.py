@@ -58,6 +58,30 @@ def function_call(oid: int, args: Iterable[bytes | None], result_format: int = 0
     return message(b"F", body)
 
 
+def parse(sql: str, name: str = "") -> bytes:
+    return message(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + struct.pack("!H", 0))
+
+
+def describe_statement(name: str = "") -> bytes:
+    return message(b"D", b"S" + name.encode() + b"\0")
+
+
+def bind(params: Iterable[bytes | None] = (), statement: str = "", portal: str = "") -> bytes:
+    params = list(params)
+    body = portal.encode() + b"\0" + statement.encode() + b"\0"
+    body += struct.pack("!HH", 0, len(params))
+    for p in params:
+        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p
+    body += struct.pack("!H", 0)
+    return message(b"B", body)
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return message(b"E", portal.encode() + b"\0" + struct.pack("!I", max_rows))
+
+
+SYNC = message(b"S")
+FLUSH = message(b"H")
 TERMINATE = message(b"X")
 
 
@@ -168,6 +192,16 @@ class RawClient:
         if errors or not auth or struct.unpack_from("!I", auth[0])[0] != 0:
             raise WireError(f"login failed: {errors or msgs!r}")
         return msgs
+
+    def read_types(self, *types: bytes) -> list[tuple[bytes, bytes]]:
+        """Exactly the next messages, which must have these types in this order."""
+        out = []
+        for want in types:
+            msg = self.read_message()
+            if msg is None or msg[0] != want:
+                raise WireError(f"expected {want!r}, got {msg!r} after {out!r}")
+            out.append(msg)
+        return out
 
     def simple(self, sql: str) -> list[tuple[bytes, bytes]]:
         self.send(query(sql))

@@ -41,22 +41,22 @@ class AdminError(Exception):
 
 
 def admin_login(worker: Worker, sock: socket.socket, reader: MessageReader, deadline: float,
-                user: str, dbname: str, cid: int) -> None:
+                user: str, dbname: str, cid: int, addr: str) -> None:
     """Greenlet: authenticate an admin/stats user, then serve console commands until EOF."""
     s = worker.settings
     try:
         if _unix_peer_is_us(sock) and user == "pgbouncer":
-            send_all(sock, proto.auth_request(proto.AUTH_OK), deadline)
+            auth_ok = proto.auth_request(proto.AUTH_OK)
             admin = True
         else:
             admin = user in s.admin_users
             if not admin and user not in s.stats_users and s.auth_type != "any":
                 raise Refused("not allowed")
-            authenticate(worker, sock, reader, deadline, user, _ADMIN_DB)
+            _, auth_ok = authenticate(worker, sock, reader, deadline, user, _ADMIN_DB)
         welcome = [("server_version", "%s/bouncer" % VERSION), ("client_encoding", "UTF8"),
                    ("server_encoding", "UTF8"), ("DateStyle", "ISO"), ("TimeZone", "GMT"),
                    ("standard_conforming_strings", "on"), ("is_superuser", "on")]
-        out = b"".join(proto.parameter_status(k, v) for k, v in welcome)
+        out = auth_ok + b"".join(proto.parameter_status(k, v) for k, v in welcome)
         send_all(sock, out + proto.backend_key_data(0, 0) + proto.ready_for_query(), deadline)
         reader.startup = False
         _serve(worker, sock, reader, admin)
@@ -221,7 +221,7 @@ def local_rows(worker: Worker, what: str) -> list[list]:
         for c in worker.clients.values():
             wait = now - c.wait_started if c.state == "waiting" else 0.0
             rows.append(["C", c.user, c.dbname, "none", c.state, c.addr, c.port,
-                         c.local_addr, c.local_port, _stamp(c.connect_time),
+                         *c.local(), _stamp(c.connect_time),
                          _stamp(c.connect_time), int(wait), int(wait % 1 * 1e6), 0,
                          "C-%d" % c.id, "S-%d" % c.server.id if c.server else "", 0, "",
                          c.params.get("application_name", ""), 0, c.id])
@@ -229,7 +229,7 @@ def local_rows(worker: Worker, what: str) -> list[list]:
         for pool in worker.pools.values():
             for s in pool.servers:
                 rows.append(["S", pool.user, pool.dbname, "none", s.state, s.addr, s.port,
-                             s.local_addr, s.local_port, _stamp(s.connect_time),
+                             *s.local(), _stamp(s.connect_time),
                              _stamp(s.connect_time), 0, 0, int(s.close_needed),
                              "S-%d" % s.id, "C-%d" % s.client.id if s.client else "",
                              s.backend_pid, "", s.params.get("application_name", ""), 0, s.id])

@@ -33,6 +33,7 @@ log = logging.getLogger("pgherd")
 _monotonic = time.monotonic
 
 ADMIN_DATABASES = ("pgbouncer", "pgherd")
+AUTH_OK = proto.auth_request(proto.AUTH_OK)
 
 
 class LoginTimeout(Exception):
@@ -104,9 +105,10 @@ def send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
 # --------------------------------------------------------------------------- client login
 
 
-def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> None:
+def client_login(worker: Worker, sock: socket.socket, peer: tuple[str, int], cid: int) -> None:
     """Greenlet: startup packet, authentication, welcome; then hand over to the relay."""
     s = worker.settings
+    addr = "%s:%d" % peer
     label = "C-%d" % cid
     deadline = _monotonic() + (s.client_login_timeout or 1e9)
     reader = MessageReader(startup=True)
@@ -128,7 +130,7 @@ def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> No
         if dbname in ADMIN_DATABASES:
             from .admin import admin_login
 
-            admin_login(worker, sock, reader, deadline, user, dbname, cid)
+            admin_login(worker, sock, reader, deadline, user, dbname, cid, addr)
             return
         admitted = _admit(worker)
         if not admitted:
@@ -140,26 +142,20 @@ def client_login(worker: Worker, sock: socket.socket, addr: str, cid: int) -> No
             raise Refused("no such database: %s" % dbname)
         client_params = _client_params(worker, params)
         pool_user = db.user or user
-        keys = authenticate(worker, sock, reader, deadline, user, db)
+        keys, auth_ok = authenticate(worker, sock, reader, deadline, user, db)
         pool = worker.pool_for(db, pool_user)
         if keys is not None and pool.scram_keys is None:
             pool.scram_keys = keys
-        welcome = _wait_welcome(pool, deadline)
-        client = Client(worker, sock, pool, {}, user, dbname, cid)
-        for name, value in welcome.items():
-            if worker.tracked.canonical(name) is not None:
-                client.params[name] = value
+        _wait_welcome(pool, deadline)
+        client = Client(worker, sock, pool, dict(pool.welcome_tracked), user, dbname, cid, peer)
         client.params.update(client_params)
         client.cancel_key = worker.new_cancel_key(client)
-        out = bytearray()
-        for name, value in welcome.items():
-            out += proto.parameter_status(name, client.params.get(name, value))
-        for name, value in client_params.items():
-            if name not in welcome:
-                out += proto.parameter_status(name, value)
-        out += proto.backend_key_data(*client.cancel_key)
-        out += proto.ready_for_query()
-        send_all(sock, bytes(out), deadline)
+        # Everything the client waits for in one packet: AuthenticationOk, the server's
+        # parameters (its own tracked values), BackendKeyData, ReadyForQuery.
+        out = [auth_ok, pool.welcome_static]
+        out += [proto.parameter_status(k, v) for k, v in client.params.items()]
+        out += [proto.backend_key_data(*client.cancel_key), proto.READY_IDLE]
+        send_all(sock, b"".join(out), deadline)
         pool.stats.client_login_count += 1
         worker.client_ready(client)
         admitted = False  # the client owns its place now; Client.disconnect gives it back
@@ -259,13 +255,13 @@ def _client_params(worker: Worker, params: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _wait_welcome(pool: Pool, deadline: float) -> dict[str, str]:
-    """The server parameters new clients are greeted with: from the pool's first login in
-    any worker (shared memory), else from a login this worker starts."""
+def _wait_welcome(pool: Pool, deadline: float) -> None:
+    """Until the pool knows the server parameters new clients are greeted with: from its
+    first login in any worker (shared memory), else from a login this worker starts."""
     while pool.welcome is None:
         shared = pool.worker.limits.shared_welcome(pool)
         if shared is not None:
-            pool.welcome = shared
+            pool.set_welcome(shared)
             break
         cached = pool.cached_login_error()
         if cached is not None and pool.login_error is not None:
@@ -278,17 +274,18 @@ def _wait_welcome(pool: Pool, deadline: float) -> dict[str, str]:
             raise Refused("client_login_timeout (server down)")
         # Another worker may publish the welcome meanwhile: look again now and then.
         event.wait(min(remaining, 0.05))
-    return pool.welcome
 
 
 # --------------------------------------------------------------------------- authentication
 
 
 def authenticate(worker: Worker, sock: socket.socket, reader: MessageReader, deadline: float,
-                 user: str, db: Database) -> tuple[bytes, bytes] | None:
-    """Check the client's credentials per auth_type; returns SCRAM keys for passthrough.
+                 user: str, db: Database) -> tuple[tuple[bytes, bytes] | None, bytes]:
+    """Check the client's credentials per auth_type.
 
-    Unknown users are run through the same exchange as known ones and fail the same way.
+    Returns the SCRAM keys for passthrough (or None) and the final authentication messages,
+    which the caller sends together with the rest of the welcome, in one packet. Unknown
+    users are run through the same exchange as known ones and fail the same way.
     """
     s = worker.settings
     method = s.auth_type
@@ -313,8 +310,7 @@ def authenticate(worker: Worker, sock: socket.socket, reader: MessageReader, dea
             raise Refused("password authentication failed", "28P01")
     else:  # scram-sha-256, or md5 with a SCRAM secret stored
         return _scram(worker, sock, reader, deadline, user, stored)
-    send_all(sock, proto.auth_request(proto.AUTH_OK), deadline)
-    return None
+    return None, AUTH_OK
 
 
 def _password(sock: socket.socket, reader: MessageReader, deadline: float) -> bytes:
@@ -325,7 +321,7 @@ def _password(sock: socket.socket, reader: MessageReader, deadline: float) -> by
 
 
 def _scram(worker: Worker, sock: socket.socket, reader: MessageReader, deadline: float,
-           user: str, stored: str | None) -> tuple[bytes, bytes] | None:
+           user: str, stored: str | None) -> tuple[tuple[bytes, bytes] | None, bytes]:
     usable = stored if stored and not auth.is_md5_secret(stored) else None
     server = auth.ScramServer(user, usable, worker.settings.scram_iterations)
     send_all(sock, proto.auth_sasl(server.mechanisms()), deadline)
@@ -343,11 +339,10 @@ def _scram(worker: Worker, sock: socket.socket, reader: MessageReader, deadline:
     except (auth.AuthFailed, ValueError) as exc:
         raise Refused("SASL authentication failed", "28P01",
                       log_text="SASL authentication failed: %s" % exc) from None
-    send_all(sock, proto.auth_request(proto.AUTH_SASL_FINAL, server_final)
-             + proto.auth_request(proto.AUTH_OK), deadline)
+    done = proto.auth_request(proto.AUTH_SASL_FINAL, server_final) + AUTH_OK
     if server.client_key is not None and server.server_key is not None:
-        return server.client_key, server.server_key
-    return None
+        return (server.client_key, server.server_key), done
+    return None, done
 
 
 # --------------------------------------------------------------------------- server login

@@ -22,6 +22,8 @@ import gevent.event
 
 from ipc import shm
 
+from . import proto
+
 from .relay import SESSION, Client, Server
 from .varcache import server_set_query
 
@@ -69,6 +71,8 @@ class Pool:
         self.clients: set[Client] = set()
         self.connecting = 0
         self.welcome: dict[str, str] | None = None  # server defaults, replayed to new clients
+        self.welcome_static = b""  # ParameterStatus messages of the untracked defaults
+        self.welcome_tracked: dict[str, str] = {}  # tracked defaults, overridable per client
         self.welcome_ready = gevent.event.Event()
         self.login_error: dict[str, str] | None = None
         self.login_failed_at = 0.0
@@ -343,7 +347,7 @@ class Pool:
         self.login_failed_at = 0.0
         self.servers.add(server)
         if self.welcome is None:
-            self.welcome = dict(server.params)
+            self.set_welcome(dict(server.params))
             self.welcome_ready.set()
             self.worker.limits.publish_welcome(self, self.welcome)
         server.start()
@@ -376,6 +380,14 @@ class Pool:
             except ValueError:
                 pass
             self.waiting_changed()
+
+    def set_welcome(self, params: dict[str, str]) -> None:
+        """Server defaults greeting new clients; the untracked part is encoded once."""
+        tracked = self.worker.tracked
+        self.welcome = params
+        self.welcome_tracked = {k: v for k, v in params.items() if tracked.canonical(k)}
+        self.welcome_static = b"".join(proto.parameter_status(k, v) for k, v in params.items()
+                                       if k not in self.welcome_tracked)
 
     def adopt(self, server: Server) -> None:
         """A server handed over by another worker joins this pool."""

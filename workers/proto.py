@@ -231,6 +231,7 @@ def query(sql: str) -> bytes:
 
 
 TERMINATE = message(b"X")
+READY_IDLE = ready_for_query(b"I")
 
 
 def _fields(severity: str, sqlstate: str, text: str, detail: str | None) -> bytes:
@@ -394,9 +395,12 @@ class FrontendScanner(_Scanner):
 
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
         if mtype == F_QUERY:
+            # A Query also ends whatever Parse/Bind/Describe left unsynced: the server drops
+            # the unnamed statement and portal when it starts a simple query.
             self.syncs += 1
             self.syncs_since_exec = 0
             self.simple_queries += 1
+            self.ext_open = False
         elif mtype == F_SYNC:
             self.ext_open = False
             if not self.copy_in:
@@ -436,10 +440,11 @@ class BackendScanner(_Scanner):
 
     ``rfq`` counts ReadyForQuery messages, ``rfq_idle`` those with status 'I' (a transaction
     ended), ``status`` is the last status byte. ``params`` collects ParameterStatus reports
-    and ``copy_in`` counts CopyInResponse messages; the relay drains both.
+    and ``copy_in`` counts CopyInResponse messages; the relay drains both. ``copy_open`` says
+    whether the server is in COPY IN after everything seen so far.
     """
 
-    __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in")
+    __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in", "copy_open")
 
     WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS))
     REPORT = frozenset((B_READY, B_PARAMETER_STATUS, B_COPY_IN))
@@ -451,6 +456,7 @@ class BackendScanner(_Scanner):
         self.status = 73  # 'I'
         self.params: list[tuple[str, str]] | None = None
         self.copy_in = 0
+        self.copy_open = False  # in COPY IN after the last message seen
 
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
         if mtype == B_READY:
@@ -458,6 +464,7 @@ class BackendScanner(_Scanner):
                 raise ProtocolError("bad ReadyForQuery")
             status = buf[start]
             self.status = status
+            self.copy_open = False  # a failed COPY ends with ReadyForQuery, not CopyDone
             self.rfq += 1
             if status == 73:
                 self.rfq_idle += 1
@@ -470,3 +477,4 @@ class BackendScanner(_Scanner):
                     self.params.append(pair)
         elif mtype == B_COPY_IN:
             self.copy_in += 1
+            self.copy_open = True

@@ -44,9 +44,10 @@ class Conn:
     """What clients and servers share: a non-blocking socket, watchers, an output backlog."""
 
     __slots__ = ("worker", "sock", "fd", "rw", "ww", "out", "closed", "addr", "port",
-                 "local_addr", "local_port", "connect_time", "id", "__weakref__")
+                 "connect_time", "id", "__weakref__")
 
-    def __init__(self, worker: Worker, sock: socket.socket, cid: int = 0) -> None:
+    def __init__(self, worker: Worker, sock: socket.socket, cid: int = 0,
+                 addr: tuple[str, int] | None = None) -> None:
         self.worker = worker
         self.sock = sock
         self.fd = sock.fileno()
@@ -57,8 +58,11 @@ class Conn:
         self.closed = False
         self.connect_time = time.time()
         self.id = cid or worker.next_id()
-        self.addr, self.port = _peer(sock)
-        self.local_addr, self.local_port = _peer(sock, local=True)
+        self.addr, self.port = addr or _peer(sock)
+
+    def local(self) -> tuple[str, int]:
+        """Our end of the connection (asked only by SHOW CLIENTS/SERVERS)."""
+        return _peer(self.sock, local=True) if not self.closed else ("", 0)
 
     def write(self, data: bytes | memoryview) -> bool:
         """Send or queue ``data``; True when it all left. Queuing stops the peer's reading."""
@@ -136,8 +140,9 @@ class Client(Conn):
                  "login_time", "mode")
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
-                 params: dict[str, str], user: str, dbname: str, cid: int) -> None:
-        super().__init__(worker, sock, cid)
+                 params: dict[str, str], user: str, dbname: str, cid: int,
+                 addr: tuple[str, int]) -> None:
+        super().__init__(worker, sock, cid, addr)
         self.pool = pool
         self.server: Server | None = None
         self.fs = FrontendScanner(worker.settings.max_packet_size)
@@ -359,10 +364,15 @@ class Server(Conn):
         if bs.params is not None:
             self._take_params(bs.params, client)
             bs.params = None
+        z = bs.rfq - rfq
         if bs.copy_in:
             bs.copy_in = 0
             self.expect -= client.fs.copy_in_started()
-        z = bs.rfq - rfq
+            client.fs.copy_in = bs.copy_open
+        elif z:
+            # After an error in COPY IN the server answers ReadyForQuery and drops whatever
+            # CopyData the client still sends: the client's COPY is over too.
+            client.fs.copy_in = False
         stats = self.pool.stats
         stats.sent_bytes += n
         if not z:

@@ -16,7 +16,6 @@ import errno
 import itertools
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -213,7 +212,8 @@ class Worker:
         # The worker slot rides in the top bits of the key's first half, so a CancelRequest
         # that the kernel hands to another worker can be routed back here.
         while True:
-            key = ((self.slot << 24) | secrets.randbits(24), secrets.randbits(32))
+            rand = int.from_bytes(os.urandom(7), "big")
+            key = ((self.slot << 24) | (rand >> 32), rand & 0xFFFFFFFF)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
@@ -277,13 +277,13 @@ class Worker:
                 return
             sock.setblocking(False)
             if unix:
-                text = "unix:%d" % self.settings.listen_port
+                peer = ("unix", self.settings.listen_port)
             else:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.settings.tcp_keepalive:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                text = "%s:%d" % (addr[0], addr[1])
-            gevent.spawn(client_login, self, sock, text, self.next_id())
+                peer = (addr[0], addr[1])
+            gevent.spawn(client_login, self, sock, peer, self.next_id())
 
     def _pause_accepting(self, seconds: float) -> None:
         for watcher in self._accepting:

@@ -86,6 +86,8 @@ def test_psycopg_queries_and_errors(pgherd, table, mode):
         cur = conn.cursor()
         cur.execute(f"UPDATE {table} SET v = 41 WHERE id = 4; SELECT v FROM {table} WHERE id = 4",
                     prepare=False)
+        assert cur.statusmessage == "UPDATE 1"
+        assert cur.nextset()
         assert cur.fetchone() == (41,)
     assert not conn.broken
 
@@ -221,9 +223,12 @@ def test_statement_mode_refuses_transactions_asyncpg(pgherd):
             await conn.close()
 
     err = asyncio.run(run())
-    assert err.sqlstate == "08P01", (type(err), err)
+    # asyncpg reports a FATAL error followed by the connection's end as
+    # ConnectionDoesNotExistError carrying the server's message; either way the text is
+    # PgBouncer's.
+    assert isinstance(err, (asyncpg.ProtocolViolationError,
+                            asyncpg.ConnectionDoesNotExistError)), (type(err), err)
     assert STATEMENT_MODE_ERROR in str(err)
-    assert err.severity == "FATAL"
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def test_notice_reaches_client(pgherd, mode):
             await conn.execute("DO $$BEGIN RAISE NOTICE 'from %', 'asyncpg'; END$$")
             deadline = time.monotonic() + 5
             while not got and time.monotonic() < deadline:
-                await asyncio.sleep(0)  # let the listener callback run
+                await asyncio.sleep(0.01)  # the listener callback runs from the loop
             return got
         finally:
             await conn.close()
