@@ -37,7 +37,8 @@ LAYOUT_VERSION = 2
 MAX_WORKERS = 64
 MAX_ROWS = 1024
 
-_HEADER = struct.Struct("<8sIIIIQQ")
+# magic, layout version, slots, rows, (pad), master pid, config epoch, reload failures
+_HEADER = struct.Struct("<8sIIIIQQQ")
 HEADER_SIZE = 64
 SLOT_SIZE = 256
 _Q = struct.Struct("<Q")
@@ -46,7 +47,7 @@ _Q = struct.Struct("<Q")
 
 SLOT_FIELDS = (
     "seq", "pid", "generation", "state", "heartbeat_ns", "started_ns", "restarts",
-    "clients", "servers", "logins", "waiting", "epoch",
+    "clients", "servers", "logins", "waiting", "epoch", "paused",
 )
 _SLOT = struct.Struct("<%dQ" % len(SLOT_FIELDS))
 assert _SLOT.size <= SLOT_SIZE
@@ -72,6 +73,7 @@ class WorkerSlot(msgspec.Struct, frozen=True):
     logins: int
     waiting: int
     epoch: int
+    paused: int
 
 
 # ---------------------------------------------------------------- rows and cells
@@ -162,7 +164,7 @@ class Segment:
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         _HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, max_workers, max_rows, 0,
-                          os.getpid(), 0)
+                          os.getpid(), 0, 0)
         seg = cls(fd, mm, max_workers, max_rows)
         seg.attach()
         return seg
@@ -176,15 +178,27 @@ class Segment:
 
     # -- header ------------------------------------------------------------------------
 
+    def _header_set(self, index: int, value: int) -> None:
+        fields = list(_HEADER.unpack_from(self.mm, 0))
+        fields[index] = value
+        _HEADER.pack_into(self.mm, 0, *fields)
+
     @property
     def epoch(self) -> int:
+        """The configuration epoch the master last sent (master writes, all read)."""
         return _HEADER.unpack_from(self.mm, 0)[6]
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        fields = list(_HEADER.unpack_from(self.mm, 0))
-        fields[6] = value
-        _HEADER.pack_into(self.mm, 0, *fields)
+        self._header_set(6, value)
+
+    @property
+    def reload_failures(self) -> int:
+        return _HEADER.unpack_from(self.mm, 0)[7]
+
+    @reload_failures.setter
+    def reload_failures(self, value: int) -> None:
+        self._header_set(7, value)
 
     # -- admission lock ----------------------------------------------------------------
 

@@ -34,22 +34,38 @@ def _addresses(config: Config) -> list[tuple[int, str]]:
 def bind_tcp(config: Config) -> list[socket.socket]:
     """The TCP listeners of ONE worker slot (one per listen address)."""
     s = config.settings
-    socks = []
-    for family, host in _addresses(config):
+    return _bind_group(_addresses(config), s.listen_port, s.listen_backlog)
+
+
+def bind_http(config: Config) -> list[socket.socket]:
+    """ONE worker slot's listener for /metrics /health /ready (none when the port is 0):
+    every worker reads the whole service's shared memory, so any of them can answer."""
+    s = config.settings
+    if not s.http_listen_port:
+        return []
+    host = s.http_listen_addr
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _bind_group([(family, host)], s.http_listen_port, s.listen_backlog)
+
+
+def _bind_group(addresses: list[tuple[int, str]], port: int, backlog: int) -> list[socket.socket]:
+    """SO_REUSEPORT listeners, one per address; all or none."""
+    socks: list[socket.socket] = []
+    for family, host in addresses:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, s.listen_port))
-            sock.listen(s.listen_backlog)
+            sock.bind((host, port))
+            sock.listen(backlog)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
             for other in socks:
                 other.close()
-            raise ListenError("could not listen on %s:%d: %s" % (host, s.listen_port,
+            raise ListenError("could not listen on %s:%d: %s" % (host, port,
                                                                   exc.strerror)) from None
         socks.append(sock)
     return socks

@@ -49,9 +49,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 class Slot:
     """A worker slot: its listeners outlive the processes that serve them."""
 
-    def __init__(self, index: int, tcp: list[socket.socket]) -> None:
+    def __init__(self, index: int, tcp: list[socket.socket], http: list[socket.socket]) -> None:
         self.index = index
         self.tcp = tcp
+        self.http = http  # this slot's /metrics /health /ready listener (if configured)
         self.pid = 0
         self.generation = 0
         self.started = 0.0
@@ -92,7 +93,8 @@ class Master:
         self.unix = listeners.bind_unix(self.config)
         try:
             for i in range(s.workers):
-                self.slots.append(Slot(i, listeners.bind_tcp(self.config)))
+                self.slots.append(Slot(i, listeners.bind_tcp(self.config),
+                                       listeners.bind_http(self.config)))
         except listeners.ListenError:
             self._close_listeners()
             raise
@@ -189,6 +191,7 @@ class Master:
             new = load_config(self.config.path, self.overrides)
         except ConfigError as exc:
             self.reload_failures += 1
+            self.segment.reload_failures = self.reload_failures
             for problem in exc.problems:
                 log.error("RELOAD failed: %s", problem)
             log.error("RELOAD failed: configuration unchanged")
@@ -243,21 +246,24 @@ class Master:
     def _resize(self, old: int, new: int) -> None:
         """Live worker-count change: new slots get listeners and workers; extra ones drain."""
         log.info("workers: %d -> %d", old, new)
-        for index in range(len(self.slots), new):
-            try:
-                self.slots.append(Slot(index, listeners.bind_tcp(self.config)))
-            except listeners.ListenError as exc:
-                log.error("cannot add worker %d: %s", index, exc)
-                return
-        for slot in self.slots[:new]:
-            if not slot.pid and not slot.tcp:  # a slot shrunk earlier comes back
-                slot.tcp = listeners.bind_tcp(self.config)
+        try:
+            for index in range(len(self.slots), new):
+                self.slots.append(Slot(index, listeners.bind_tcp(self.config),
+                                       listeners.bind_http(self.config)))
+            for slot in self.slots[:new]:
+                if not slot.pid and not slot.tcp:  # a slot shrunk earlier comes back
+                    slot.tcp = listeners.bind_tcp(self.config)
+                    slot.http = listeners.bind_http(self.config)
+        except listeners.ListenError as exc:
+            log.error("cannot add workers: %s", exc)
+            return
         for slot in self.slots[new:]:
             if slot.pid:
                 os.kill(slot.pid, signal.SIGTERM)  # drains, then exits; not respawned
-            for sock in slot.tcp:
+            for sock in slot.tcp + slot.http:
                 sock.close()
             slot.tcp = []
+            slot.http = []
 
     def _read_mail(self) -> None:
         while True:
@@ -348,7 +354,7 @@ class Master:
             os.close(self._wake_r)
             for other in self.slots:
                 if other is not slot:
-                    for sock in other.tcp:
+                    for sock in other.tcp + other.http:
                         sock.close()
             import setproctitle
 
@@ -358,7 +364,7 @@ class Master:
 
             socks = list(slot.tcp) + ([self.unix] if self.unix else [])
             run(slot.index, self.config, self.epoch, self.segment, self.inboxes, socks,
-                master_pid)
+                slot.http, master_pid)
         except BaseException:
             log.exception("worker %d could not start", slot.index)
         finally:
@@ -435,7 +441,7 @@ class Master:
 
     def _close_listeners(self) -> None:
         for slot in self.slots:
-            for sock in slot.tcp:
+            for sock in slot.tcp + slot.http:
                 sock.close()
         if self.unix is not None:
             self.unix.close()

@@ -146,6 +146,7 @@ class Worker:
     def pause(self) -> None:
         """PgBouncer's PAUSE: hand out no server; close each as its transaction ends."""
         self.paused = True
+        self.segment.write(self.slot, paused=1)
         for pool in self.pools.values():
             pool.close_idle_all("pause")
         self.publish()
@@ -158,6 +159,7 @@ class Worker:
 
     def resume(self) -> None:
         self.paused = False
+        self.segment.write(self.slot, paused=0)
         for pool in self.pools.values():
             pool.full_until = 0.0
             if pool.waiting:
@@ -394,7 +396,8 @@ def _die_with_parent(master_pid: int) -> None:
 
 
 def run(slot: int, config: Config, epoch: int, segment: shm.Segment,
-        inboxes: channel.Inboxes, listeners: list[socket.socket], master_pid: int) -> NoReturn:
+        inboxes: channel.Inboxes, listeners: list[socket.socket],
+        http_listeners: list[socket.socket], master_pid: int) -> NoReturn:
     """Entry point of a worker process, called right after fork()."""
     code = 0
     try:
@@ -403,6 +406,10 @@ def run(slot: int, config: Config, epoch: int, segment: shm.Segment,
         inboxes.keep_only(slot)
         worker = Worker(slot, config, epoch, segment, inboxes, listeners)
         worker.start()
+        if http_listeners:
+            from .http import serve
+
+            serve(worker, http_listeners)
         worker.stopped.wait()
     except BaseException:
         log.exception("worker %d failed", slot)
