@@ -107,6 +107,45 @@ class Command(msgspec.Struct, tag=True, array_like=True):
     arg: str = ""
 
 
+class ServiceState(msgspec.Struct, array_like=True):
+    """What the admin console set for the whole service; the master keeps it and hands it
+    to every worker it forks, so a respawned worker is paused or disabled like the rest."""
+
+    paused: bool = False
+    paused_dbs: list[str] = []
+    disabled_dbs: list[str] = []
+
+    def apply(self, name: str, db: str) -> None:
+        """The effect of a console command on the state (used by master and workers alike)."""
+        if name == "PAUSE":
+            if db:
+                _add(self.paused_dbs, db)
+            else:
+                self.paused = True
+        elif name == "RESUME":
+            if db:
+                _remove(self.paused_dbs, db)
+            else:
+                self.paused = False
+                self.paused_dbs.clear()
+        elif name == "KILL":
+            _add(self.paused_dbs, db)
+        elif name == "DISABLE":
+            _add(self.disabled_dbs, db)
+        elif name == "ENABLE":
+            _remove(self.disabled_dbs, db)
+
+
+def _add(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)
+
+
+def _remove(items: list[str], item: str) -> None:
+    if item in items:
+        items.remove(item)
+
+
 class Reply(msgspec.Struct, tag=True, array_like=True):
     """The answer to a Command: ``error`` is empty on success."""
 

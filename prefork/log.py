@@ -4,13 +4,25 @@
 — the pid and the process's role name the worker. Workers inherit the handlers across fork;
 a log file is opened with O_APPEND, so lines from different processes never interleave
 mid-line.
+
+Syslog (``syslog = 1``): a :class:`logging.handlers.SysLogHandler` on ``/dev/log`` (UDP to
+localhost:514 where there is no ``/dev/log``) with ``syslog_facility`` (PgBouncer's names:
+auth, authpriv, daemon, user, local0..local7; an unknown name falls back to daemon, as in
+PgBouncer, with a warning) and lines ``<ident>[<pid>]: <role> <LEVEL> <message>`` (syslog adds
+the time). Its socket is non-blocking: when the syslog daemon cannot keep up, lines are
+dropped rather than stalling a worker's hub. The handler is (re)built by :func:`setup` and by
+:func:`reopen` when they are given the settings, so a reload can switch it on or off.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
+import socket
 import sys
 import time
+from typing import Any
 
 _LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "LOG", logging.WARNING: "WARNING",
            logging.ERROR: "ERROR", logging.CRITICAL: "FATAL"}
@@ -38,8 +50,106 @@ def set_role(role: str) -> None:
     _Formatter.role = role
 
 
-def reopen(logfile: str, verbose: int) -> None:
-    """After a reload: a fresh handle on the (maybe rotated or renamed) log file, same stderr."""
+class _SyslogFormatter(logging.Formatter):
+    def __init__(self, ident: str) -> None:
+        super().__init__()
+        self.ident = ident
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = "%s[%d]: %s %s %s" % (self.ident, record.process, _Formatter.role,
+                                     _LEVELS.get(record.levelno, record.levelname),
+                                     record.getMessage())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+_H = logging.handlers.SysLogHandler
+#: PgBouncer's syslog_facility names (lib/usual/logging.c).
+FACILITIES = {
+    "auth": _H.LOG_AUTH, "authpriv": _H.LOG_AUTHPRIV, "daemon": _H.LOG_DAEMON,
+    "user": _H.LOG_USER, **{"local%d" % i: _H.LOG_LOCAL0 + i for i in range(8)},
+}
+DEV_LOG = "/dev/log"
+
+
+def syslog_facility(name: str) -> int | None:
+    """The syslog facility code of a ``syslog_facility`` value; None if unknown."""
+    return FACILITIES.get(name.strip().lower())
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """SysLogHandler that never blocks: a full syslog socket drops the line."""
+
+    dropped = 0
+
+    def _connect_unixsocket(self, address: Any) -> None:
+        super()._connect_unixsocket(address)
+        self.socket.setblocking(False)
+
+    def createSocket(self) -> None:
+        super().createSocket()
+        if self.socket is not None:
+            self.socket.setblocking(False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if self.append_nul:
+                msg += "\000"
+            prio = "<%d>" % self.encodePriority(self.facility, self.mapPriority(record.levelname))
+            data = prio.encode() + msg.encode("utf-8")
+            if not self.socket:
+                self.createSocket()
+            if self.unixsocket:
+                try:
+                    self.socket.send(data)
+                except BlockingIOError:
+                    raise
+                except OSError:  # syslog restarted: reconnect once
+                    self.socket.close()
+                    self._connect_unixsocket(self.address)
+                    self.socket.send(data)
+            elif self.socktype == socket.SOCK_DGRAM:
+                self.socket.sendto(data, self.address)
+            else:
+                self.socket.sendall(data)
+        except BlockingIOError:
+            SyslogHandler.dropped += 1
+        except Exception:
+            self.handleError(record)
+
+
+def configure_syslog(settings: Any, address: Any = None) -> None:
+    """Add, replace or remove the syslog handler as ``settings`` (syslog, syslog_ident,
+    syslog_facility) say. ``address``: where to send (default /dev/log, else UDP 514)."""
+    root = logging.getLogger("pgherd")
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.handlers.SysLogHandler):
+            root.removeHandler(handler)
+            handler.close()
+    if not getattr(settings, "syslog", False):
+        return
+    facility = syslog_facility(settings.syslog_facility)
+    unknown = facility is None
+    if unknown:
+        facility = _H.LOG_DAEMON
+    if address is None:
+        address = DEV_LOG if os.path.exists(DEV_LOG) else ("localhost", 514)
+    try:
+        handler = SyslogHandler(address, facility)
+    except OSError as exc:
+        root.warning("cannot log to syslog at %s: %s", address, exc.strerror or exc)
+        return
+    handler.setFormatter(_SyslogFormatter(settings.syslog_ident or "pgbouncer"))
+    root.addHandler(handler)
+    if unknown:
+        root.warning("unknown syslog_facility %r: using daemon", settings.syslog_facility)
+
+
+def reopen(logfile: str, verbose: int, settings: Any = None) -> None:
+    """After a reload: a fresh handle on the (maybe rotated or renamed) log file, same stderr;
+    with ``settings``, the syslog handler is rebuilt from them too."""
     root = logging.getLogger("pgherd")
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler):
@@ -50,10 +160,13 @@ def reopen(logfile: str, verbose: int) -> None:
         handler = logging.FileHandler(logfile, mode="a", encoding="utf-8")
         handler.setFormatter(_formatter)
         root.addHandler(handler)
+    if settings is not None:
+        configure_syslog(settings)
 
 
-def setup(logfile: str, verbose: int, quiet: bool) -> None:
-    """Log to ``logfile`` (if set) and to stderr (unless quiet); replaces earlier handlers."""
+def setup(logfile: str, verbose: int, quiet: bool, settings: Any = None) -> None:
+    """Log to ``logfile`` (if set), to stderr (unless quiet) and to syslog (if ``settings``
+    say ``syslog = 1``); replaces earlier handlers."""
     root = logging.getLogger("pgherd")
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -68,5 +181,7 @@ def setup(logfile: str, verbose: int, quiet: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_formatter)
         root.addHandler(handler)
+    if settings is not None:
+        configure_syslog(settings)
     if not root.handlers:
         root.addHandler(logging.NullHandler())

@@ -16,6 +16,7 @@ value and are logged as such, as PgBouncer does.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -71,6 +72,9 @@ class Master:
         self.pending_acks: set[int] = set()
         self.reload_failures = 0
         self.reload_waiters: list[tuple[int, int]] = []  # (slot, req) asking for RELOAD
+        self.state = channel.ServiceState()  # PAUSE, DISABLE...: survives worker respawns
+        self.fan_outs: dict[int, tuple[tuple[int, int], set[int], list[str]]] = {}
+        self._req = itertools.count(1)
         self.slots: list[Slot] = []
         self.unix: socket.socket | None = None
         self.segment: shm.Segment | None = None
@@ -161,8 +165,9 @@ class Master:
             if self.stopping:
                 log.info("got %s while shutting down, ignoring", signal.Signals(signum).name)
                 return
-            self._broadcast(channel.Command(0, -1, "PAUSE" if signum == signal.SIGUSR1
-                                            else "RESUME"))
+            name = "PAUSE" if signum == signal.SIGUSR1 else "RESUME"
+            self.state.apply(name, "")
+            self._broadcast(channel.Command(0, -1, name))
             return
         if signum == signal.SIGQUIT or self.stopping:
             self._stop("now", signal.SIGQUIT, 2.0)
@@ -201,7 +206,11 @@ class Master:
             return False
         for problem in new.warnings:
             log.warning("%s", problem)
-        new = self._keep_restart_settings(new)
+        self._apply(self._keep_restart_settings(new), requester)
+        return True
+
+    def _apply(self, new: Config, requester: tuple[int, int] | None) -> None:
+        """A new configuration epoch for every worker (reload, or SET on the console)."""
         old_workers = self.config.settings.workers
         self.config = new
         self.epoch += 1
@@ -227,7 +236,6 @@ class Master:
         if new.settings.workers != old_workers:
             self._resize(old_workers, new.settings.workers)
         self._maybe_reloaded()
-        return True
 
     def _keep_restart_settings(self, new: Config) -> Config:
         """Settings that need a restart keep their running value; say so once per change."""
@@ -286,20 +294,80 @@ class Master:
                     self._maybe_reloaded()
             elif isinstance(message, channel.Command):
                 self._on_command(message)
+            elif isinstance(message, channel.Reply):
+                self._fan_in(message.req, message.slot, message.error)
 
     def _on_command(self, command: channel.Command) -> None:
+        """Console commands for the whole service; the one place where they are routed."""
         requester = (command.reply_to, command.req)
-        if command.name == "RELOAD":
+        name, arg = command.name, command.arg
+        if name == "RELOAD":
             self.reload(requester)
-        elif command.name == "SHUTDOWN":
+        elif name == "SET":
+            self._set(requester, arg)
+        elif name == "SHUTDOWN":
             mode = {"": "now", "WAIT_FOR_CLIENTS": "clients", "WAIT_FOR_SERVERS": "servers"}
-            how = mode.get(command.arg, "now")
+            how = mode.get(arg, "now")
             self._reply(requester, "")
             self._stop(how, {"now": signal.SIGQUIT, "clients": signal.SIGTERM,
                              "servers": signal.SIGINT}[how],
                        2.0 if how == "now" else self.config.settings.shutdown_timeout)
+        elif name == "KILL_CLIENT":
+            slot = int(arg) % shm.MAX_WORKERS
+            live = [s.index for s in self.slots if s.pid and s.index == slot]
+            if not live:
+                self._reply(requester, "client not found")
+            else:
+                self._fan_out(requester, name, arg, live)
+        elif name in ("PAUSE", "RESUME", "DISABLE", "ENABLE", "KILL", "RECONNECT",
+                      "WAIT_CLOSE"):
+            self.state.apply(name, arg)
+            self._fan_out(requester, name, arg, [s.index for s in self.slots if s.pid])
         else:
-            self._reply(requester, "unknown command %s" % command.name)
+            self._reply(requester, "unknown command %s" % name)
+
+    def _set(self, requester: tuple[int, int], assignment: str) -> None:
+        """SET key = value: a reloadable setting changes for every worker at once."""
+        key, _, raw = assignment.partition("=")
+        setting = SETTINGS.get(key)
+        try:
+            if setting is None:
+                raise ValueError("unknown setting")
+            value = setting.parse(raw)
+        except ValueError as exc:
+            log.error("SET %s failed: %s", key, exc)
+            self._reply(requester, "SET failed")
+            return
+        if not setting.reload:
+            log.warning("SET %s: needs a restart, ignored", key)  # PgBouncer accepts these
+            self._reply(requester, "")
+            return
+        settings = msgspec.structs.replace(self.config.settings, **{key: value})
+        self._apply(msgspec.structs.replace(self.config, settings=settings), requester)
+
+    def _fan_out(self, requester: tuple[int, int], name: str, arg: str,
+                 slots: list[int]) -> None:
+        """Send a command to workers; answer the requester once every one has replied."""
+        if not slots:
+            self._reply(requester, "")
+            return
+        req = next(self._req)
+        self.fan_outs[req] = (requester, set(slots), [])
+        for slot in slots:
+            if not self.inboxes.send(slot, channel.Command(req, self.inboxes.master, name, arg)):
+                self._fan_in(req, slot, "worker %d: control channel full" % slot)
+
+    def _fan_in(self, req: int, slot: int, error: str) -> None:
+        entry = self.fan_outs.get(req)
+        if entry is None:
+            return
+        requester, waiting, errors = entry
+        waiting.discard(slot)
+        if error and error not in errors:
+            errors.append(error)
+        if not waiting:
+            del self.fan_outs[req]
+            self._reply(requester, "; ".join(errors))
 
     def _reply(self, requester: tuple[int, int], error: str) -> None:
         slot, req = requester
@@ -363,8 +431,8 @@ class Master:
             from workers.worker import run
 
             socks = list(slot.tcp) + ([self.unix] if self.unix else [])
-            run(slot.index, self.config, self.epoch, self.segment, self.inboxes, socks,
-                slot.http, master_pid)
+            run(slot.index, self.config, self.epoch, self.state, self.segment, self.inboxes,
+                socks, slot.http, master_pid)
         except BaseException:
             log.exception("worker %d could not start", slot.index)
         finally:
@@ -382,6 +450,8 @@ class Master:
             if slot is None:
                 continue
             slot.pid = 0
+            for req in list(self.fan_outs):  # a dead worker will not answer
+                self._fan_in(req, slot.index, "")
             # Its share of every shared count is reclaimed before the slot can be reused.
             held = self.segment.retire_worker(slot.index)
             if held:

@@ -16,6 +16,8 @@ import time
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Callable, Iterable
 
+import psutil
+
 from ipc import shm
 from prefork.settings import SETTINGS
 
@@ -53,7 +55,7 @@ def admin_login(worker: Worker, sock: socket.socket, reader: MessageReader, dead
             if not admin and user not in s.stats_users and s.auth_type != "any":
                 raise Refused("not allowed")
             _, auth_ok = authenticate(worker, sock, reader, deadline, user, _ADMIN_DB)
-        welcome = [("server_version", "%s/bouncer" % VERSION), ("client_encoding", "UTF8"),
+        welcome = [("server_version", "%s/bouncer" % COMPAT), ("client_encoding", "UTF8"),
                    ("server_encoding", "UTF8"), ("DateStyle", "ISO"), ("TimeZone", "GMT"),
                    ("standard_conforming_strings", "on"), ("is_superuser", "on")]
         out = auth_ok + b"".join(proto.parameter_status(k, v) for k, v in welcome)
@@ -104,16 +106,39 @@ def _serve(worker: Worker, sock: socket.socket, reader: MessageReader, admin: bo
         send_all(sock, out + proto.ready_for_query(), time.monotonic() + 10)
 
 
+_SET = re.compile(r"^\s*SET\s+(\w+)\s*(?:=|\s+TO\s+)\s*(?:'((?:[^']|'')*)'|(\S+?))\s*;?\s*$",
+                  re.IGNORECASE)
+#: Session parameters drivers SHOW or SET on connect: answered here, as PgBouncer does.
+_FAKE_PARAMS = {"client_encoding": "UTF8", "default_transaction_isolation": "read committed",
+                "standard_conforming_strings": "on", "datestyle": "ISO", "timezone": "GMT"}
+
+
 def run_command(worker: Worker, text: str, admin: bool) -> bytes:
     """Execute one console command; returns the response messages (without ReadyForQuery)."""
     if not text.strip().rstrip(";"):
         return proto.EMPTY_QUERY_RESPONSE
+    m = _SET.match(text)
+    if m:
+        key = m.group(1).lower()
+        value = m.group(2).replace("''", "'") if m.group(2) is not None else m.group(3)
+        if key in _FAKE_PARAMS:
+            return proto.notice_response("SET ignored") + proto.command_complete("SET")
+        if not admin:
+            raise AdminError("admin access needed")
+        _check(worker.exchange.command_master("SET", "%s=%s" % (key, value)))
+        return proto.command_complete("SET %s=%s" % (key, value))
     m = _COMMAND.match(text)
     if not m:
         raise AdminError("invalid command '%s', use SHOW HELP;" % text.strip())
-    verb, arg = m.group(1).upper(), (m.group(2) or "").upper()
+    verb, arg = m.group(1).upper(), m.group(2) or ""
     if verb in ("SHOW", "SELECT") and arg:
-        show = _SHOW.get(arg)
+        what = arg.upper()
+        if arg.lower() in _FAKE_PARAMS:
+            return _table([(arg.lower(), TEXT)], [(_FAKE_PARAMS[arg.lower()],)], "SHOW")
+        if what == "HELP":
+            return proto.notice_response("Console usage", detail=_HELP) + \
+                proto.command_complete("SHOW")
+        show = _SHOW.get(what)
         if show is None:
             raise AdminError("invalid command '%s', use SHOW HELP;" % text.strip())
         columns, rows = show(worker)
@@ -126,6 +151,24 @@ def run_command(worker: Worker, text: str, admin: bool) -> bytes:
     return control(worker, arg)
 
 
+_HELP = """
+	SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION
+	SHOW SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE|WORKERS
+	SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
+	SET key = arg
+	RELOAD
+	PAUSE [<db>]
+	RESUME [<db>]
+	DISABLE <db>
+	ENABLE <db>
+	RECONNECT [<db>]
+	KILL <db>
+	KILL_CLIENT <id>
+	SUSPEND
+	SHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]
+	WAIT_CLOSE [<db>]"""
+
+
 def _table(columns: list[tuple[str, int]], rows: Iterable[Iterable[object]], tag: str) -> bytes:
     out = bytearray(proto.row_description(columns))
     for row in rows:
@@ -134,11 +177,16 @@ def _table(columns: list[tuple[str, int]], rows: Iterable[Iterable[object]], tag
     return bytes(out)
 
 
-# --------------------------------------------------------------------------- SHOW commands
+# --------------------------------------------------------------------------- SHOW: service
+
+
+#: What SHOW VERSION says: monitoring written for PgBouncer parses "PgBouncer x.y.z" to know
+#: which columns to expect; pgherd serves PgBouncer 1.25's columns, and says what it is.
+COMPAT = "1.25.2"
 
 
 def _show_version(worker: Worker):
-    return [("version", TEXT)], [("pgherd %s" % VERSION,)]
+    return [("version", TEXT)], [("PgBouncer %s (pgherd %s)" % (COMPAT, VERSION),)]
 
 
 def _show_config(worker: Worker):
@@ -149,6 +197,78 @@ def _show_config(worker: Worker):
         rows.append((name, setting.render(getattr(s, name)), setting.render(setting.default),
                      "yes" if setting.reload else "no"))
     return [("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT)], rows
+
+
+def _show_state(worker: Worker):
+    state = worker.state
+    return [("key", TEXT), ("value", TEXT)], [
+        ("active", "no" if worker.draining else "yes"),
+        ("paused", "yes" if state.paused else "no"),
+        ("suspended", "no"),
+    ]
+
+
+def _show_lists(worker: Worker):
+    rows = worker.segment.snapshot_rows()
+    slots = [w for w in worker.segment.read_all() if w.pid]
+    clients = sum(r.totals["clients"] for r in rows if r.kind == shm.POOL)
+    servers = sum(r.totals["servers"] for r in rows if r.kind == shm.POOL)
+    items = [
+        ("databases", len(worker.config.databases)), ("users", len(worker.config.userlist)),
+        ("peers", 0), ("pools", sum(1 for r in rows if r.kind == shm.POOL)),
+        ("peer_pools", 0), ("free_clients", 0), ("used_clients", clients),
+        ("login_clients", sum(w.logins for w in slots)), ("free_servers", 0),
+        ("used_servers", servers), ("dns_names", 0), ("dns_zones", 0), ("dns_queries", 0),
+        ("dns_pending", 0),
+    ]
+    return [("list", TEXT), ("items", I4)], items
+
+
+def _show_workers(worker: Worker):
+    """pgherd's own: one row per worker slot (psutil for what the kernel knows)."""
+    cols = [("slot", I4), ("pid", I4), ("state", TEXT), ("uptime", I8),
+            ("heartbeat_age_ms", I8), ("clients", I4), ("servers", I4), ("rss", I8),
+            ("cpu_percent", NUM), ("open_fds", I4), ("restarts", I4), ("epoch", I8)]
+    now = time.monotonic_ns()
+    rows = []
+    for w in worker.segment.read_all(worker.settings.workers):
+        rss = fds = None
+        cpu = None
+        if w.pid:
+            try:
+                proc = psutil.Process(w.pid)
+                with proc.oneshot():
+                    rss = proc.memory_info().rss
+                    fds = proc.num_fds()
+                    times = proc.cpu_times()
+                    cpu = round(100.0 * (times.user + times.system)
+                                / max((now - w.started_ns) / 1e9, 1e-3), 1)
+            except psutil.Error:
+                pass
+        state = "paused" if w.paused else shm.STATE_NAMES.get(w.state, "?")
+        rows.append((w.slot, w.pid or None, state if w.pid else "down",
+                     (now - w.started_ns) // 1_000_000_000 if w.pid else 0,
+                     (now - w.heartbeat_ns) // 1_000_000 if w.pid else None, w.clients,
+                     w.servers, rss, cpu, fds, w.restarts, w.epoch))
+    return cols, rows
+
+
+def _show_mem(worker: Worker):
+    """pgherd's meaning: memory per worker process (there are no slab caches to show)."""
+    cols = [("name", TEXT), ("size", I8), ("used", I8), ("free", I8), ("memtotal", I8)]
+    rows = []
+    for w in worker.segment.read_all(worker.settings.workers):
+        if not w.pid:
+            continue
+        try:
+            info = psutil.Process(w.pid).memory_full_info()
+        except psutil.Error:
+            continue
+        rows.append(("worker %d" % w.slot, info.rss, info.uss, info.rss - info.uss, info.rss))
+    return cols, rows
+
+
+# --------------------------------------------------------------------------- SHOW: pools, stats
 
 
 def _pool_rows(worker: Worker) -> list[shm.RowSnapshot]:
@@ -187,18 +307,66 @@ def _show_pools(worker: Worker):
     return cols, rows
 
 
-def _show_stats(worker: Worker):
-    cols = [("database", TEXT)] + [(n, NUM) for n in (
-        "total_server_assignment_count", "total_xact_count", "total_query_count",
-        "total_received", "total_sent", "total_xact_time", "total_query_time",
-        "total_wait_time", "total_client_parse_count", "total_server_parse_count",
-        "total_bind_count", "total_client_login_count")]
+_TOTALS = ("server_assignment_count", "xact_count", "query_count", "received", "sent",
+           "xact_time", "query_time", "wait_time", "client_parse_count",
+           "server_parse_count", "bind_count", "client_login_count")
+
+
+def _per_db(worker: Worker) -> dict[str, list[int]]:
+    """Stats totals per database (PgBouncer sums its pools), in STAT_FIELDS order."""
     per_db: dict[str, list[int]] = {}
     for r in _pool_rows(worker):
         acc = per_db.setdefault(r.names[0], [0] * len(shm.STAT_FIELDS))
         for i, name in enumerate(shm.STAT_FIELDS):
             acc[i] += r.totals[name]
-    return cols, [(db, *acc) for db, acc in sorted(per_db.items())]
+    return per_db
+
+
+def _averages(worker: Worker) -> dict[str, list[float]]:
+    """Per database, per second (counts, bytes) or per event (times) over the last period."""
+    return {db: worker.averages.get(db, [0.0] * len(shm.STAT_FIELDS))
+            for db in _per_db(worker)}
+
+
+def _show_stats(worker: Worker):
+    cols = [("database", TEXT)] + [("total_" + n, NUM) for n in _TOTALS] + \
+        [("avg_" + n.replace("received", "recv"), NUM) for n in _TOTALS]
+    totals = _per_db(worker)
+    avgs = _averages(worker)
+    return cols, [(db, *acc, *[int(v) for v in avgs[db]]) for db, acc in sorted(totals.items())]
+
+
+def _show_stats_totals(worker: Worker):
+    names = [n.replace("received", "bytes_received").replace("sent", "bytes_sent")
+             if n in ("received", "sent") else n for n in _TOTALS]
+    cols = [("database", TEXT)] + [(n, NUM) for n in names]
+    return cols, [(db, *acc) for db, acc in sorted(_per_db(worker).items())]
+
+
+def _show_stats_averages(worker: Worker):
+    names = [("avg_" + n) if "parse" in n or "bind" in n or "login" in n else
+             n.replace("received", "bytes_received").replace("sent", "bytes_sent")
+             for n in _TOTALS]
+    cols = [("database", TEXT)] + [(n, NUM) for n in names]
+    return cols, [(db, *[int(v) for v in acc]) for db, acc in sorted(_averages(worker).items())]
+
+
+def _show_totals(worker: Worker):
+    names = ("server_assignment_count", "xact_count", "query_count", "client_bytes",
+             "server_bytes", "xact_time", "query_time", "wait_time", "ps_client_parse_count",
+             "ps_server_parse_count", "ps_bind_count", "client_login_count")
+    totals = [0] * len(names)
+    for acc in _per_db(worker).values():
+        totals = [a + b for a, b in zip(totals, acc)]
+    avgs = [0.0] * len(names)
+    for acc in _averages(worker).values():
+        avgs = [a + b for a, b in zip(avgs, acc)]
+    rows = [("total_" + n, v) for n, v in zip(names, totals)]
+    rows += [("avg_" + n, int(v)) for n, v in zip(names, avgs)]
+    return [("name", TEXT), ("value", NUM)], rows
+
+
+# --------------------------------------------------------------------------- SHOW: connections
 
 
 _SOCKET_COLS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("replication", TEXT),
@@ -207,6 +375,8 @@ _SOCKET_COLS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("replicatio
                 ("wait", I4), ("wait_us", I4), ("close_needed", I4), ("ptr", TEXT),
                 ("link", TEXT), ("remote_pid", I4), ("tls", TEXT),
                 ("application_name", TEXT), ("prepared_statements", I4), ("id", I8)]
+_BUFFER_COLS = [("recv_pos", I4), ("pkt_pos", I4), ("pkt_remain", I4), ("send_pos", I4),
+                ("send_remain", I4), ("pkt_avail", I4), ("send_avail", I4)]
 
 
 def _stamp(t: float) -> str:
@@ -214,26 +384,37 @@ def _stamp(t: float) -> str:
 
 
 def local_rows(worker: Worker, what: str) -> list[list]:
-    """This worker's connections for SHOW CLIENTS / SHOW SERVERS (gathered from all)."""
+    """This worker's connections for SHOW CLIENTS / SERVERS / SOCKETS (gathered from all)."""
     rows: list[list] = []
     now = time.monotonic()
-    if what == "CLIENTS":
+    with_buffers = what in ("SOCKETS", "ACTIVE_SOCKETS")
+    if what in ("CLIENTS", "SOCKETS", "ACTIVE_SOCKETS"):
         for c in worker.clients.values():
             wait = now - c.wait_started if c.state == "waiting" else 0.0
-            rows.append(["C", c.user, c.dbname, "none", c.state, c.addr, c.port,
-                         *c.local(), _stamp(c.connect_time),
-                         _stamp(c.connect_time), int(wait), int(wait % 1 * 1e6), 0,
-                         "C-%d" % c.id, "S-%d" % c.server.id if c.server else "", 0, "",
-                         c.params.get("application_name", ""), 0, c.id])
-    elif what == "SERVERS":
+            row = ["C", c.user, c.dbname, "none", c.state, c.addr, c.port, *c.local(),
+                   _stamp(c.connect_time), _stamp(c.connect_time), int(wait),
+                   int(wait % 1 * 1e6), 0, "C-%d" % c.id,
+                   "S-%d" % c.server.id if c.server else "", 0, "",
+                   c.params.get("application_name", ""), 0, c.id]
+            rows.append(row + _buffers(c) if with_buffers else row)
+    if what in ("SERVERS", "SOCKETS", "ACTIVE_SOCKETS"):
         for pool in worker.pools.values():
             for s in pool.servers:
-                rows.append(["S", pool.user, pool.dbname, "none", s.state, s.addr, s.port,
-                             *s.local(), _stamp(s.connect_time),
-                             _stamp(s.connect_time), 0, 0, int(s.close_needed),
-                             "S-%d" % s.id, "C-%d" % s.client.id if s.client else "",
-                             s.backend_pid, "", s.params.get("application_name", ""), 0, s.id])
+                row = ["S", pool.user, pool.dbname, "none", s.state, s.addr, s.port,
+                       *s.local(), _stamp(s.connect_time), _stamp(s.connect_time), 0, 0,
+                       int(s.close_needed), "S-%d" % s.id,
+                       "C-%d" % s.client.id if s.client else "", s.backend_pid, "",
+                       s.params.get("application_name", ""), 0, s.id]
+                rows.append(row + _buffers(s) if with_buffers else row)
+    if what == "ACTIVE_SOCKETS":
+        rows = [r for r in rows if r[-3]]  # only sockets with data waiting to be sent
     return rows
+
+
+def _buffers(conn) -> list[int]:
+    """The relay keeps no receive buffer per connection; only a backlog to send."""
+    pending = len(conn.out) if conn.out else 0
+    return [0, 0, 0, 0, pending, 0, pending]
 
 
 def _show_clients(worker: Worker):
@@ -242,6 +423,14 @@ def _show_clients(worker: Worker):
 
 def _show_servers(worker: Worker):
     return _SOCKET_COLS, sorted(worker.exchange.gather("SERVERS"), key=lambda r: r[-1])
+
+
+def _show_sockets(worker: Worker, what: str = "SOCKETS"):
+    return _SOCKET_COLS + _BUFFER_COLS, sorted(worker.exchange.gather(what),
+                                              key=lambda r: r[20])
+
+
+# --------------------------------------------------------------------------- SHOW: config views
 
 
 def _show_databases(worker: Worker):
@@ -257,15 +446,46 @@ def _show_databases(worker: Worker):
     clients: dict[str, int] = {}
     for r in _pool_rows(worker):
         clients[r.names[0]] = clients.get(r.names[0], 0) + r.totals["clients"]
-    rows = []
-    for db in worker.config.databases.values():
-        rows.append((db.name, ",".join(db.host) or None, db.port, db.dbname or db.name,
+    # The admin console's own row, as PgBouncer lists it.
+    rows: list[tuple] = [("pgbouncer", None, s.listen_port, "pgbouncer", "pgbouncer", 2, 0, 0,
+                          0, "statement", None, 0, 0, 0, 0, 0, 0)]
+    names = [n for n in worker.config.databases if n != "*"] + [
+        n for n in current if n not in worker.config.databases]  # auto-databases in use
+    for name in names:
+        db = worker.database(name)
+        if db is None:
+            continue
+        rows.append((name, ",".join(db.host) or None, db.port, db.dbname or name,
                      db.user, db.pool_size if db.pool_size is not None else s.default_pool_size,
                      db.min_pool_size or 0, db.reserve_pool_size or 0,
                      int(db.server_lifetime if db.server_lifetime is not None
                          else s.server_lifetime), db.pool_mode, None,
-                     db.max_db_connections or 0, current.get(db.name, {}).get("servers", 0),
-                     0, clients.get(db.name, 0), 0, 0))
+                     db.max_db_connections or s.max_db_connections,
+                     current.get(name, {}).get("servers", 0), 0, clients.get(name, 0),
+                     int(worker.is_paused(name)), int(worker.is_disabled(name))))
+    return cols, rows
+
+
+def _show_users(worker: Worker):
+    cols = [("name", TEXT), ("pool_size", TEXT), ("reserve_pool_size", TEXT),
+            ("pool_mode", TEXT), ("max_user_connections", I4), ("current_connections", I4),
+            ("max_user_client_connections", I4), ("current_client_connections", I4)]
+    current = {r.names[0]: r.totals for r in worker.segment.snapshot_rows()
+               if r.kind == shm.USER}
+    names = sorted(set(worker.config.userlist) | set(worker.config.users) | set(current))
+    rows = []
+    for name in names:
+        u = worker.config.users.get(name)
+
+        def pad(value):  # PgBouncer shows these space-padded, blank when unset
+            return "" if value is None else "%5d" % value
+
+        rows.append((name, pad(u.pool_size if u else None),
+                     pad(u.reserve_pool_size if u else None), u.pool_mode if u else None,
+                     (u.max_user_connections if u and u.max_user_connections is not None
+                      else worker.settings.max_user_connections),
+                     current.get(name, {}).get("servers", 0), 0,
+                     current.get(name, {}).get("clients", 0)))
     return cols, rows
 
 
@@ -278,45 +498,97 @@ def _reload(worker: Worker, arg: str) -> bytes:
     return proto.command_complete("RELOAD")
 
 
-def _whole_pooler_only(command: str, arg: str) -> None:
-    if arg:
-        raise AdminError("%s of a single database is not supported yet" % command)
+def _db_arg(worker: Worker, command: str, arg: str, required: bool) -> None:
+    if required and not arg:
+        raise AdminError("invalid command '%s', use SHOW HELP;" % command)
+    if arg and worker.database(arg) is None:
+        raise AdminError("no such database: %s" % arg)
+    if arg in ("pgbouncer", "pgherd"):
+        raise AdminError("cannot %s admin db" % command.lower())
 
 
 def _pause(worker: Worker, arg: str) -> bytes:
-    _whole_pooler_only("PAUSE", arg)
-    if worker.paused:
+    _db_arg(worker, "PAUSE", arg, False)
+    if worker.state.paused or (arg and arg in worker.state.paused_dbs):
         raise AdminError("already suspended/paused")
-    _check(worker.exchange.command_all("PAUSE", arg))
-    return proto.command_complete("PAUSE")
+    return _everywhere(worker, "PAUSE", arg)
 
 
 def _resume(worker: Worker, arg: str) -> bytes:
-    _whole_pooler_only("RESUME", arg)
-    if not worker.paused:
+    _db_arg(worker, "RESUME", arg, False)
+    if arg and arg not in worker.state.paused_dbs:
+        raise AdminError("database %s is not paused" % arg)
+    if not arg and not (worker.state.paused or worker.state.paused_dbs):
         raise AdminError("pooler is not paused/suspended")
-    _check(worker.exchange.command_all("RESUME", arg))
-    return proto.command_complete("RESUME")
+    return _everywhere(worker, "RESUME", arg)
+
+
+def _disable(worker: Worker, arg: str) -> bytes:
+    _db_arg(worker, "DISABLE", arg, True)
+    return _everywhere(worker, "DISABLE", arg)
+
+
+def _enable(worker: Worker, arg: str) -> bytes:
+    _db_arg(worker, "ENABLE", arg, True)
+    return _everywhere(worker, "ENABLE", arg)
+
+
+def _kill(worker: Worker, arg: str) -> bytes:
+    _db_arg(worker, "KILL", arg, True)
+    return _everywhere(worker, "KILL", arg)
+
+
+def _reconnect(worker: Worker, arg: str) -> bytes:
+    _db_arg(worker, "RECONNECT", arg, False)
+    return _everywhere(worker, "RECONNECT", arg)
+
+
+def _wait_close(worker: Worker, arg: str) -> bytes:
+    _db_arg(worker, "WAIT_CLOSE", arg, False)
+    return _everywhere(worker, "WAIT_CLOSE", arg)
+
+
+def _kill_client(worker: Worker, arg: str) -> bytes:
+    if not arg.isdigit():
+        raise AdminError("invalid client pointer supplied")
+    return _everywhere(worker, "KILL_CLIENT", arg)
+
+
+def _suspend(worker: Worker, arg: str) -> bytes:
+    raise AdminError("SUSPEND is not supported: pgherd has no online restart to suspend for; "
+                     "use PAUSE")
 
 
 def _shutdown(worker: Worker, arg: str) -> bytes:
+    arg = arg.upper()
     if arg not in ("", "WAIT_FOR_CLIENTS", "WAIT_FOR_SERVERS"):
         raise AdminError("invalid command 'SHUTDOWN %s', use SHOW HELP;" % arg)
-    _check([e for e in [worker.exchange.command_master("SHUTDOWN", arg)] if e])
-    return proto.command_complete("SHUTDOWN")
+    return _everywhere(worker, "SHUTDOWN", arg)
 
 
-def _check(errors: list[str]) -> None:
-    if errors:
-        raise AdminError("; ".join(errors))
+def _everywhere(worker: Worker, name: str, arg: str) -> bytes:
+    """Run a command on the whole service (the master relays it to every worker)."""
+    _check(worker.exchange.command_master(name, arg, timeout=1e9))
+    return proto.command_complete(name)
+
+
+def _check(error: str) -> None:
+    if error:
+        raise AdminError(error)
 
 
 _CONTROL: dict[str, Callable[[Worker, str], bytes]] = {
-    "RELOAD": _reload, "PAUSE": _pause, "RESUME": _resume, "SHUTDOWN": _shutdown,
+    "RELOAD": _reload, "PAUSE": _pause, "RESUME": _resume, "DISABLE": _disable,
+    "ENABLE": _enable, "KILL": _kill, "RECONNECT": _reconnect, "WAIT_CLOSE": _wait_close,
+    "KILL_CLIENT": _kill_client, "SUSPEND": _suspend, "SHUTDOWN": _shutdown,
 }
 
 _SHOW: dict[str, Callable] = {
-    "VERSION": _show_version, "CONFIG": _show_config, "POOLS": _show_pools,
-    "STATS": _show_stats, "CLIENTS": _show_clients, "SERVERS": _show_servers,
-    "DATABASES": _show_databases,
+    "VERSION": _show_version, "CONFIG": _show_config, "STATE": _show_state,
+    "LISTS": _show_lists, "WORKERS": _show_workers, "MEM": _show_mem,
+    "POOLS": _show_pools, "STATS": _show_stats, "STATS_TOTALS": _show_stats_totals,
+    "STATS_AVERAGES": _show_stats_averages, "TOTALS": _show_totals,
+    "CLIENTS": _show_clients, "SERVERS": _show_servers, "SOCKETS": _show_sockets,
+    "ACTIVE_SOCKETS": lambda w: _show_sockets(w, "ACTIVE_SOCKETS"),
+    "DATABASES": _show_databases, "USERS": _show_users,
 }

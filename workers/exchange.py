@@ -205,16 +205,6 @@ class Exchange:
         pending.done.wait(GATHER_TIMEOUT)
         self._pending.pop(req, None)
 
-    def command_all(self, name: str, arg: str = "", timeout: float = 60.0) -> list[str]:
-        """Run a control command on every worker, this one included; their errors."""
-        req, pending = self._ask(lambda req: channel.Command(req, self.slot, name, arg),
-                                 include_self=True)
-        pending.done.wait(timeout)
-        self._pending.pop(req, None)
-        if pending.slots:
-            pending.errors.append("no answer from worker(s) %s" % sorted(pending.slots))
-        return pending.errors
-
     def command_master(self, name: str, arg: str = "", timeout: float = 60.0) -> str:
         """Ask the master (RELOAD, SHUTDOWN); its error text, empty on success."""
         master = self.inboxes.master
@@ -227,12 +217,9 @@ class Exchange:
         self._pending.pop(req, None)
         return "; ".join(pending.errors)
 
-    def _ask(self, make: Callable[[int], channel.Message],
-             include_self: bool = False) -> tuple[int, _Pending]:
+    def _ask(self, make: Callable[[int], channel.Message]) -> tuple[int, _Pending]:
         req = next(self._req)
         slots = set(self.live_slots())
-        if include_self:
-            slots.add(self.slot)
         pending = self._pending[req] = _Pending(slots)
         for slot in slots:
             self.post(slot, make(req))

@@ -140,6 +140,8 @@ def client_login(worker: Worker, sock: socket.socket, peer: tuple[str, int], cid
         db = worker.database(dbname)
         if db is None:
             raise Refused("no such database: %s" % dbname)
+        if worker.is_disabled(dbname):
+            raise Refused('database "%s" is disabled' % dbname)
         client_params = _client_params(worker, params)
         pool_user = db.user or user
         keys, auth_ok = authenticate(worker, sock, reader, deadline, user, db)

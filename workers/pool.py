@@ -117,7 +117,7 @@ class Pool:
         None means the client must park its request: it is queued, or a server is being
         checked or aligned for it, and :meth:`Client.resume` will be called when it is linked.
         """
-        server = None if self.worker.paused else self._take_idle()
+        server = None if self.worker.is_paused(self.dbname) else self._take_idle()
         if server is not None:
             return server if self._link(client, server) else None
         client.state = "waiting"
@@ -249,7 +249,7 @@ class Pool:
         """Close ``server`` instead of reusing it when it is marked, too old or surplus."""
         if server.close_needed:
             server.close("database configuration changed")
-        elif self.worker.paused:
+        elif self.worker.is_paused(self.dbname):
             server.close("pause")
         elif self.lifetime and now - server.born > self.lifetime:
             server.close("server lifetime over")
@@ -270,7 +270,7 @@ class Pool:
 
     def grow(self) -> None:
         """Open server connections for waiting clients, as far as the limits allow."""
-        if self.worker.paused:
+        if self.worker.is_paused(self.dbname):
             return
         if self.login_failed_at and _monotonic() - self.login_failed_at < self.worker.settings.server_login_retry:
             return

@@ -248,8 +248,9 @@ def error_response(
     return message(b"E", _fields(severity, sqlstate, text, detail))
 
 
-def notice_response(text: str, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
-    return message(b"N", _fields(severity, sqlstate, text, None))
+def notice_response(text: str, sqlstate: str = "00000", severity: str = "NOTICE",
+                    detail: str | None = None) -> bytes:
+    return message(b"N", _fields(severity, sqlstate, text, detail))
 
 
 def row_description(columns: Iterable[tuple[str, int]]) -> bytes:

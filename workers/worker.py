@@ -51,8 +51,9 @@ CLOSE_WAIT = 10  # seconds a closed server stays counted at most, waiting for it
 class Worker:
     """Everything one worker process owns."""
 
-    def __init__(self, slot: int, config: Config, epoch: int, segment: shm.Segment,
-                 inboxes: channel.Inboxes, listeners: list[socket.socket]) -> None:
+    def __init__(self, slot: int, config: Config, epoch: int, state: channel.ServiceState,
+                 segment: shm.Segment, inboxes: channel.Inboxes,
+                 listeners: list[socket.socket]) -> None:
         self.slot = slot
         self.segment = segment
         self.listeners = listeners
@@ -62,9 +63,13 @@ class Worker:
         self.cancel_keys: dict[tuple[int, int], Client] = {}
         self.auto_databases: dict[str, Database] = {}
         self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
+        # SHOW STATS averages: per database, the last stats_period (every worker computes
+        # the same from shared memory at the same wall-clock boundaries).
+        self.averages: dict[str, list[float]] = {}
+        self._stats_mark: tuple[int, dict[str, list[int]]] | None = None
         self.logins = 0
         self.draining = False
-        self.paused = False
+        self.state = state  # PAUSE/DISABLE/KILL as the master told every worker
         self.apply_config(config, epoch)
         self.limits = Limits(self)
         self.exchange = Exchange(self, inboxes)
@@ -132,39 +137,51 @@ class Worker:
         gevent.spawn(self._run_command, command)
 
     def _run_command(self, command: channel.Command) -> None:
+        """A console command the master relays to every worker (the console checked it)."""
+        name, arg = command.name, command.arg
         error = ""
-        if command.name == "PAUSE":
-            self.pause()
-            self._wait_released()
-        elif command.name == "RESUME":
-            self.resume()
-        else:
-            error = "unknown command %s" % command.name
+        if name in ("PAUSE", "RESUME", "DISABLE", "ENABLE", "KILL"):
+            self.state.apply(name, arg)
+            self.segment.write(self.slot, paused=int(self.state.paused or
+                                                     bool(self.state.paused_dbs)))
+        pools = [p for p in self.pools.values() if not arg or p.dbname == arg]
+        if name == "PAUSE":
+            for pool in pools:
+                pool.close_idle_all("pause")
+            # PAUSE answers once no server of the paused pools is in use any more.
+            while self.is_paused(arg) and any(p.servers for p in pools):
+                gevent.sleep(0.02)
+        elif name == "RESUME":
+            for pool in self.pools.values():
+                pool.full_until = 0.0
+                if pool.waiting:
+                    pool.grow()
+        elif name == "KILL":
+            for pool in pools:
+                pool.kill("database removed")
+        elif name == "RECONNECT":
+            for pool in pools:
+                pool.mark_close_needed()
+        elif name == "WAIT_CLOSE":
+            while any(s.close_needed for p in pools for s in p.servers):
+                gevent.sleep(0.02)
+        elif name == "KILL_CLIENT":
+            client = self.clients.get(int(arg))
+            if client is None:
+                error = "client not found"
+            else:
+                client.disconnect("admin forced disconnect", error="admin forced disconnect")
+        elif name not in ("DISABLE", "ENABLE"):
+            error = "unknown command %s" % name
+        log.info("worker %d: %s %s done", self.slot, name, arg)
         if command.reply_to >= 0:
             self.exchange.post(command.reply_to, channel.Reply(command.req, self.slot, error))
 
-    def pause(self) -> None:
-        """PgBouncer's PAUSE: hand out no server; close each as its transaction ends."""
-        self.paused = True
-        self.segment.write(self.slot, paused=1)
-        for pool in self.pools.values():
-            pool.close_idle_all("pause")
-        self.publish()
-        log.info("worker %d paused", self.slot)
+    def is_paused(self, dbname: str) -> bool:
+        return self.state.paused or dbname in self.state.paused_dbs
 
-    def _wait_released(self) -> None:
-        """Until no server of this worker is in use (or PAUSE was undone meanwhile)."""
-        while self.paused and any(p.servers for p in self.pools.values()):
-            gevent.sleep(0.02)
-
-    def resume(self) -> None:
-        self.paused = False
-        self.segment.write(self.slot, paused=0)
-        for pool in self.pools.values():
-            pool.full_until = 0.0
-            if pool.waiting:
-                pool.grow()
-        log.info("worker %d resumed", self.slot)
+    def is_disabled(self, dbname: str) -> bool:
+        return dbname in self.state.disabled_dbs
 
     # ------------------------------------------------------------------ lookups and ids
 
@@ -309,9 +326,26 @@ class Worker:
                     log.warning("S-%d: backend did not end within %ds of Terminate; "
                                 "no longer counted", server.id, CLOSE_WAIT)
                     server.gone()
+            self._stats_period()
         except Exception:
             log.exception("janitor failed")
         self._publish_slot()
+
+    def _stats_period(self) -> None:
+        period = max(self.settings.stats_period, 1)
+        bucket = int(time.time() // period)
+        if self._stats_mark is not None and self._stats_mark[0] == bucket:
+            return
+        totals: dict[str, list[int]] = {}
+        for row in self.segment.snapshot_rows():
+            if row.kind == shm.POOL:
+                acc = totals.setdefault(row.names[0], [0] * len(shm.STAT_FIELDS))
+                for i, name in enumerate(shm.STAT_FIELDS):
+                    acc[i] += row.totals[name]
+        if self._stats_mark is not None:
+            self.averages = {db: _averages(self._stats_mark[1].get(db), now, period)
+                             for db, now in totals.items()}
+        self._stats_mark = (bucket, totals)
 
     def publish(self, state: int | None = None) -> None:
         """Write this worker's counts and every pool's cell to shared memory."""
@@ -378,6 +412,22 @@ class Worker:
         self.stopped.set()
 
 
+_F = {name: i for i, name in enumerate(shm.STAT_FIELDS)}
+
+
+def _averages(before: list[int] | None, now: list[int], period: int) -> list[float]:
+    """PgBouncer's averages: counts and bytes per second; times per transaction, per query,
+    per server assignment."""
+    before = before or [0] * len(now)
+    delta = [b - a for a, b in zip(before, now)]
+    out = [d / period for d in delta]
+    for time_field, count_field in (("xact_time", "xact_count"), ("query_time", "query_count"),
+                                    ("wait_time", "server_assignment_count")):
+        count = delta[_F[count_field]]
+        out[_F[time_field]] = delta[_F[time_field]] / count if count else 0.0
+    return out
+
+
 def _connection(db: Database) -> tuple:
     """What a server connection depends on: a change means replacing the servers."""
     return (db.host, db.port, db.dbname, db.user, db.password, db.connect_query,
@@ -395,8 +445,8 @@ def _die_with_parent(master_pid: int) -> None:
         os._exit(1)
 
 
-def run(slot: int, config: Config, epoch: int, segment: shm.Segment,
-        inboxes: channel.Inboxes, listeners: list[socket.socket],
+def run(slot: int, config: Config, epoch: int, state: channel.ServiceState,
+        segment: shm.Segment, inboxes: channel.Inboxes, listeners: list[socket.socket],
         http_listeners: list[socket.socket], master_pid: int) -> NoReturn:
     """Entry point of a worker process, called right after fork()."""
     code = 0
@@ -404,7 +454,7 @@ def run(slot: int, config: Config, epoch: int, segment: shm.Segment,
         _die_with_parent(master_pid)
         segment.attach()
         inboxes.keep_only(slot)
-        worker = Worker(slot, config, epoch, segment, inboxes, listeners)
+        worker = Worker(slot, config, epoch, state, segment, inboxes, listeners)
         worker.start()
         if http_listeners:
             from .http import serve
