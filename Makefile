@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-stamp
 
 .PHONY: test demo bench deps postgres pgbouncer clean
 
-test: deps postgres
+test: deps postgres pgbouncer
 	$(PY) -m pytest -n auto -p no:cacheprovider
 
 demo: deps postgres pgbouncer
@@ -29,7 +29,7 @@ postgres:
 		apt-get update && apt-get install -y postgresql; \
 	fi
 
-# PgBouncer for side-by-side numbers in the demo; the demo still runs without it.
+# PgBouncer, side by side: the demo compares numbers, the tests compare admin columns.
 pgbouncer:
 	@command -v pgbouncer >/dev/null 2>&1 || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
 		(apt-get install -y pgbouncer || (apt-get update && apt-get install -y pgbouncer)) || \

@@ -434,9 +434,11 @@ def _show_sockets(worker: Worker, what: str = "SOCKETS"):
 
 
 def _show_databases(worker: Worker):
+    # reserve_pool is the column's name before PgBouncer 1.24; both, for old dashboards.
     cols = [("name", TEXT), ("host", TEXT), ("port", I4), ("database", TEXT),
             ("force_user", TEXT), ("pool_size", I4), ("min_pool_size", I4),
-            ("reserve_pool_size", I4), ("server_lifetime", I4), ("pool_mode", TEXT),
+            ("reserve_pool_size", I4), ("reserve_pool", I4), ("server_lifetime", I4),
+            ("pool_mode", TEXT),
             ("load_balance_hosts", TEXT), ("max_connections", I4), ("current_connections", I4),
             ("max_client_connections", I4), ("current_client_connections", I4),
             ("paused", I4), ("disabled", I4)]
@@ -448,16 +450,18 @@ def _show_databases(worker: Worker):
         clients[r.names[0]] = clients.get(r.names[0], 0) + r.totals["clients"]
     # The admin console's own row, as PgBouncer lists it.
     rows: list[tuple] = [("pgbouncer", None, s.listen_port, "pgbouncer", "pgbouncer", 2, 0, 0,
-                          0, "statement", None, 0, 0, 0, 0, 0, 0)]
+                          0, 0, "statement", None, 0, 0, 0, 0, 0, 0)]
     names = [n for n in worker.config.databases if n != "*"] + [
         n for n in current if n not in worker.config.databases]  # auto-databases in use
     for name in names:
         db = worker.database(name)
         if db is None:
             continue
+        reserve = db.reserve_pool_size if db.reserve_pool_size is not None \
+            else s.reserve_pool_size
         rows.append((name, ",".join(db.host) or None, db.port, db.dbname or name,
                      db.user, db.pool_size if db.pool_size is not None else s.default_pool_size,
-                     db.min_pool_size or 0, db.reserve_pool_size or 0,
+                     db.min_pool_size or 0, reserve, reserve,
                      int(db.server_lifetime if db.server_lifetime is not None
                          else s.server_lifetime), db.pool_mode, None,
                      db.max_db_connections or s.max_db_connections,

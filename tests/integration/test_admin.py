@@ -1,0 +1,249 @@
+"""The admin console for the whole service: views that span workers, control commands that
+act on every worker, access rules, and PgBouncer's column names side by side with PgBouncer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import psycopg
+import pytest
+
+from tests.helpers import free_port, wait_for
+
+WORKERS = 4
+TXN = {"pool_mode": "transaction", "stats_users": "watcher"}
+NO_PREPARE = {"prepare_threshold": None}
+
+
+def _slot(conn: psycopg.Connection) -> int:
+    return conn.info.backend_pid >> 24
+
+
+def _admin_error(h, command: str, user: str = "postgres") -> str:
+    with pytest.raises(psycopg.Error) as info:
+        h.admin(command, user=user)
+    return str(info.value)
+
+
+def test_show_clients_and_servers_span_all_workers(pgherd):
+    h = pgherd(settings=TXN, workers=WORKERS)
+    conns = [h.connect("p1", **NO_PREPARE) for _ in range(12)]
+    assert len({_slot(c) for c in conns}) > 1
+    clients = [r for r in h.admin_dicts("SHOW CLIENTS") if r["database"] == "p1"]
+    assert len(clients) == 12
+    assert len({r["id"] for r in clients}) == 12
+    for c in conns:
+        c.execute("SELECT 1")
+    servers = [r for r in h.admin_dicts("SHOW SERVERS") if r["database"] == "p1"]
+    pools = [r for r in h.admin_dicts("SHOW POOLS") if r["database"] == "p1"]
+    assert pools[0]["cl_active"] == 12 and pools[0]["cl_waiting"] == 0
+    assert pools[0]["sv_idle"] + pools[0]["sv_active"] == len(servers) > 0
+    workers = h.admin_dicts("SHOW WORKERS")
+    assert sorted(r["pid"] for r in workers) == sorted(h.worker_pids())
+    assert sum(r["clients"] for r in workers) >= 12
+    for c in conns:
+        c.close()
+
+
+def test_pause_holds_new_queries_until_resume(pgherd):
+    h = pgherd(settings=TXN, workers=WORKERS)
+    conn = h.connect("p1", **NO_PREPARE)
+    conn.execute("SELECT 1")
+    h.admin("PAUSE")
+    assert dict(h.admin("SHOW STATE"))["paused"] == "yes"
+    done = threading.Event()
+
+    def query():
+        conn.execute("SELECT 2")
+        done.set()
+
+    t = threading.Thread(target=query)
+    t.start()
+    wait_for(lambda: any(r["cl_waiting"] == 1 for r in h.admin_dicts("SHOW POOLS")))
+    assert not done.is_set()
+    assert _admin_error(h, "PAUSE").endswith("already suspended/paused")
+    h.admin("RESUME")
+    t.join(10)
+    assert done.is_set()
+    assert _admin_error(h, "RESUME").endswith("pooler is not paused/suspended")
+    conn.close()
+
+
+def test_kill_drops_the_database_clients_and_holds_new_ones(pgherd):
+    h = pgherd(settings=TXN, workers=WORKERS)
+    victims = [h.connect("p1", **NO_PREPARE) for _ in range(6)]
+    bystander = h.connect("p2", **NO_PREPARE)
+    for c in victims:
+        c.execute("SELECT 1")
+    h.admin("KILL p1")
+    for c in victims:
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT 1")
+    assert bystander.execute("SELECT 3").fetchone() == (3,)
+    late = h.connect("p1", **NO_PREPARE)  # logs in, but its queries wait: p1 is paused
+    result = {}
+    t = threading.Thread(target=lambda: result.update(v=late.execute("SELECT 4").fetchone()))
+    t.start()
+    wait_for(lambda: any(r["database"] == "p1" and r["cl_waiting"] == 1
+                         for r in h.admin_dicts("SHOW POOLS")))
+    h.admin("RESUME p1")
+    t.join(10)
+    assert result["v"] == (4,)
+    for c in [late, bystander]:
+        c.close()
+
+
+def test_reconnect_replaces_servers(pg, pgherd):
+    h = pgherd(settings={**TXN, "default_pool_size": 1}, workers=1)
+    conn = h.connect("p1", **NO_PREPARE)
+    before = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    h.admin("RECONNECT p1")
+    h.admin("WAIT_CLOSE p1")
+    after = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert after != before
+    conn.close()
+
+
+def test_disable_refuses_new_clients_with_pgbouncers_error(pgherd):
+    databases = {k: v for k, v in pgherd.default_databases.items() if k != "*"}
+    h = pgherd(settings=TXN, databases=databases, workers=WORKERS)
+    existing = h.connect("p1", **NO_PREPARE)
+    h.admin("DISABLE p1")
+    with pytest.raises(psycopg.OperationalError, match='database "p1" is disabled'):
+        h.connect("p1")
+    assert existing.execute("SELECT 5").fetchone() == (5,)
+    assert [r["disabled"] for r in h.admin_dicts("SHOW DATABASES") if r["name"] == "p1"] == [1]
+    h.admin("ENABLE p1")
+    with h.connect("p1") as again:
+        assert again.execute("SELECT 6").fetchone() == (6,)
+    existing.close()
+    assert _admin_error(h, "DISABLE nosuchdb").endswith("no such database: nosuchdb")
+
+
+def test_kill_client_by_id(pgherd):
+    h = pgherd(settings=TXN, workers=WORKERS)
+    target, other = h.connect("p1"), h.connect("p2")
+    ids = [r["id"] for r in h.admin_dicts("SHOW CLIENTS") if r["database"] == "p1"]
+    assert len(ids) == 1
+    h.admin("KILL_CLIENT %d" % ids[0])
+    with pytest.raises(psycopg.OperationalError):
+        target.execute("SELECT 1")
+    assert other.execute("SELECT 1").fetchone() == (1,)
+    assert _admin_error(h, "KILL_CLIENT %d" % ids[0]).endswith("client not found")
+    other.close()
+
+
+def test_stats_users_may_look_but_not_touch(pgherd):
+    h = pgherd(settings=TXN, userlist={"watcher": "watchpw"}, workers=2)
+    assert h.admin("SHOW VERSION", user="watcher")[0][0].startswith("PgBouncer ")
+    assert _admin_error(h, "PAUSE", user="watcher").endswith("admin access needed")
+    with pytest.raises(psycopg.OperationalError, match="not allowed"):
+        h.admin("SHOW POOLS", user="app")
+
+
+def test_set_changes_every_worker(pg, pgherd):
+    h = pgherd(settings={**TXN, "default_pool_size": 10}, workers=WORKERS)
+    h.admin("SET default_pool_size = 2")
+    assert dict((k, v) for k, v, *_ in h.admin("SHOW CONFIG"))["default_pool_size"] == "2"
+    conns = [h.connect("p2", **NO_PREPARE) for _ in range(8)]
+    threads = [threading.Thread(target=c.execute, args=("SELECT pg_sleep(0.2)",))
+               for c in conns]
+    for t in threads:
+        t.start()
+    peak = 0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, pg.backends(dbname="p2"))
+    for t in threads:
+        t.join()
+    assert 0 < peak <= 2
+    assert _admin_error(h, "SET no_such_key = 1").endswith("SET failed")
+    for c in conns:
+        c.close()
+
+
+def test_failed_reload_answers_pgbouncers_error(pgherd):
+    h = pgherd(settings=TXN, workers=2)
+    h.rewrite_ini(settings={"pool_mode": "no-such-mode"})
+    error = _admin_error(h, "RELOAD")
+    assert "RELOAD failed, see logs for additional details" in error
+    assert "pool_mode" in h.log()
+    assert dict((k, v) for k, v, *_ in h.admin("SHOW CONFIG"))["pool_mode"] == "transaction"
+
+
+def test_extended_protocol_is_refused(pgherd):
+    h = pgherd(settings=TXN, workers=2)
+    with psycopg.connect(h.dsn("pgbouncer"), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error,
+                           match="extended query protocol not supported by admin console"):
+            conn.execute("SHOW VERSION", prepare=True)
+
+
+# --------------------------------------------------------------------------- side by side
+
+
+@pytest.fixture
+def pgbouncer(pg):
+    """The Debian PgBouncer (1.18) with the same database, as the postgres OS user."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.path.exists(binary):
+        pytest.skip("pgbouncer is not installed (make test installs it with apt)")
+    workdir = tempfile.mkdtemp(prefix="pgb-", dir="/tmp")
+    port = free_port()
+    with open(os.path.join(workdir, "pgbouncer.ini"), "w") as f:
+        f.write("[databases]\np1 = host=%s port=%d\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"
+                "listen_port = %d\nunix_socket_dir = %s\nauth_type = trust\n"
+                "auth_file = %s/userlist.txt\nadmin_users = postgres\n"
+                % (pg.host, pg.port, port, workdir, workdir))
+    with open(os.path.join(workdir, "userlist.txt"), "w") as f:
+        f.write('"postgres" ""\n')
+    shutil.chown(workdir, "postgres")
+    argv = [binary, "-q", os.path.join(workdir, "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", "postgres", "--"] + argv
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dsn = "host=127.0.0.1 port=%d user=postgres dbname=pgbouncer" % port
+
+    def ready():
+        try:
+            with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as c:
+                return c.execute("SHOW VERSION").fetchone()
+        except psycopg.OperationalError:
+            return None
+
+    wait_for(ready, timeout=10)
+    yield dsn
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _columns(dsn: str, command: str) -> list[str]:
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        return [c.name for c in conn.execute(command).description]
+
+
+@pytest.mark.parametrize("command", ["SHOW STATS", "SHOW STATS_TOTALS", "SHOW STATS_AVERAGES",
+                                     "SHOW POOLS", "SHOW DATABASES", "SHOW LISTS",
+                                     "SHOW CONFIG", "SHOW CLIENTS", "SHOW SERVERS",
+                                     "SHOW USERS", "SHOW TOTALS", "SHOW SOCKETS",
+                                     "SHOW MEM", "SHOW VERSION"])
+def test_columns_cover_pgbouncers(pgherd, pgbouncer, command):
+    """What monitoring written for PgBouncer reads by name exists, in PgBouncer's order."""
+    h = pgherd(settings=TXN, workers=2)
+    theirs = _columns(pgbouncer, command)
+    ours = _columns(h.dsn("pgbouncer"), command)
+    missing = [c for c in theirs if c not in ours]
+    assert not missing, "%s lacks %s" % (command, missing)
+    assert [c for c in ours if c in theirs] == theirs  # same relative order
+
+
+def test_config_keys_cover_pgbouncers(pgherd, pgbouncer):
+    h = pgherd(settings=TXN, workers=2)
+    with psycopg.connect(pgbouncer, autocommit=True, prepare_threshold=None) as conn:
+        theirs = {r[0] for r in conn.execute("SHOW CONFIG")}
+    ours = {r[0] for r in h.admin("SHOW CONFIG")}
+    assert theirs <= ours, sorted(theirs - ours)
