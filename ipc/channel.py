@@ -41,6 +41,23 @@ class Handoff(msgspec.Struct, tag=True, array_like=True):
     from_slot: int
 
 
+class ClientHandoff(msgspec.Struct, tag=True, array_like=True):
+    """A logged-in client moving to another worker at a transaction boundary (its worker
+    drains: fewer workers, or recycled). Its socket rides along; in session mode its server
+    too, described by ``server`` (then a second fd)."""
+
+    db: str
+    user: str
+    dbname: str
+    params: dict[str, str]
+    cancel_pid: int
+    cancel_key: int
+    addr: str
+    port: int
+    connect_time: float
+    server: Handoff | None = None
+
+
 class Want(msgspec.Struct, tag=True, array_like=True):
     """A worker has clients waiting for a pool that is at its limit: hand over an idle server."""
 
@@ -154,8 +171,8 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
     error: str = ""
 
 
-Message = Union[Handoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack, Command,
-                Reply]
+Message = Union[Handoff, ClientHandoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack,
+                Command, Reply]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

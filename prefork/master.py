@@ -27,6 +27,7 @@ import time
 from ipc import channel, shm
 
 import msgspec
+import psutil
 
 from . import listeners, log as plog, pidfile, systemd
 from .config import Config, ConfigError, load_config
@@ -35,7 +36,7 @@ from .settings import SETTINGS
 log = logging.getLogger("pgherd")
 
 TICK = 0.25  # seconds between housekeeping rounds when no signal arrives
-HEARTBEAT_LIMIT = 10.0  # a worker silent this long is hung: killed and replaced
+CHECK_EVERY = 5.0  # seconds between memory checks and systemd STATUS lines
 STABLE_AFTER = 5.0  # a worker that lived this long resets its crash back-off
 MAX_BACKOFF = 10.0
 # A dead worker's server connections stay counted this long: its backends may outlive it for a
@@ -60,6 +61,7 @@ class Slot:
         self.crashes = 0
         self.respawn_at = 0.0
         self.restarts = 0
+        self.recycling = False  # drained on purpose (max_worker_memory): replace at once
 
 
 class Master:
@@ -77,6 +79,13 @@ class Master:
         self._req = itertools.count(1)
         self.slots: list[Slot] = []
         self.unix: socket.socket | None = None
+        self._next_check = 0.0
+        self._status_mark = (time.monotonic(), 0)
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if os.environ.get("WATCHDOG_PID") not in (None, "", str(os.getpid())):
+            watchdog_usec = 0  # meant for another process
+        self._watchdog_every = watchdog_usec / 2e6
+        self._next_watchdog = 0.0
         self.segment: shm.Segment | None = None
         self.inboxes: channel.Inboxes | None = None
         self.ghosts: list[tuple[float, dict[int, int]]] = []  # (release time, {row: servers})
@@ -266,8 +275,8 @@ class Master:
             log.error("cannot add workers: %s", exc)
             return
         for slot in self.slots[new:]:
-            if slot.pid:
-                os.kill(slot.pid, signal.SIGTERM)  # drains, then exits; not respawned
+            if slot.pid:  # moves its clients to the others, then exits; not respawned
+                self.inboxes.send(slot.index, channel.Command(0, -1, "DRAIN"))
             for sock in slot.tcp + slot.http:
                 sock.close()
             slot.tcp = []
@@ -464,11 +473,62 @@ class Master:
             else:
                 how = "exited with status %d" % os.WEXITSTATUS(status)
             lived = time.monotonic() - slot.started
+            if slot.index >= self.config.settings.workers:
+                log.info("worker %d (pid %d) exited: fewer workers configured", slot.index, pid)
+                continue
+            if slot.recycling:
+                slot.recycling = False
+                slot.respawn_at = 0.0
+                log.info("worker %d (pid %d) recycled after %.0fs; replacing it", slot.index,
+                         pid, lived)
+                continue
             slot.crashes = 0 if lived > STABLE_AFTER else slot.crashes + 1
             delay = 0.0 if slot.crashes <= 1 else min(0.1 * 2 ** slot.crashes, MAX_BACKOFF)
             slot.respawn_at = time.monotonic() + delay
             log.warning("worker %d (pid %d) %s after %.1fs; respawning%s", slot.index, pid, how,
                         lived, " in %.1fs" % delay if delay else "")
+
+    def _watchdog(self, now: float, now_ns: int) -> None:
+        """WATCHDOG=1 for systemd's WatchdogSec, only while every worker's heartbeat is fresh:
+        a hung worker the master cannot fix should become systemd's problem."""
+        if not self._watchdog_every or now < self._next_watchdog:
+            return
+        limit = self.config.settings.heartbeat_timeout * 1e9
+        for slot in self.slots:
+            if slot.pid and now_ns - self.segment.read(slot.index).heartbeat_ns > limit:
+                return
+        self._next_watchdog = now + self._watchdog_every
+        systemd.notify("WATCHDOG=1")
+
+    def _status(self) -> None:
+        slots = [self.segment.read(s.index) for s in self.slots if s.pid]
+        xacts = sum(r.totals["xact_count"] for r in self.segment.snapshot_rows()
+                    if r.kind == shm.POOL)
+        now = time.monotonic()
+        tps = (xacts - self._status_mark[1]) / max(now - self._status_mark[0], 1e-3)
+        self._status_mark = (now, xacts)
+        systemd.notify("STATUS=%d workers, %d clients, %d servers, %.0f tps" % (
+            len(slots), sum(w.clients for w in slots), sum(w.servers for w in slots), tps))
+
+    def _check_memory(self) -> None:
+        """max_worker_memory: recycle a worker above it gracefully — it hands its clients to
+        the others and exits, then is replaced — one at a time, never the last one."""
+        limit = self.config.settings.max_worker_memory * 1024 * 1024
+        live = [s for s in self.slots if s.pid]
+        if not limit or len(live) < 2 or any(s.recycling for s in live):
+            return
+        for slot in live:
+            try:
+                rss = psutil.Process(slot.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                log.warning("worker %d (pid %d) uses %d MiB > max_worker_memory %d MiB: "
+                            "recycling it", slot.index, slot.pid, rss >> 20,
+                            self.config.settings.max_worker_memory)
+                slot.recycling = True
+                self.inboxes.send(slot.index, channel.Command(0, -1, "DRAIN"))
+                return
 
     def _release_ghosts(self) -> None:
         now = time.monotonic()
@@ -494,13 +554,18 @@ class Master:
             state = self.segment.read(slot.index)
             if state.state != shm.READY:
                 all_ready = False
-            if (now_ns - state.heartbeat_ns) / 1e9 > HEARTBEAT_LIMIT:
+            if (now_ns - state.heartbeat_ns) / 1e9 > self.config.settings.heartbeat_timeout:
                 log.error("worker %d (pid %d) missed its heartbeat for %.0fs: killing it",
                           slot.index, slot.pid, (now_ns - state.heartbeat_ns) / 1e9)
                 try:
                     os.kill(slot.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        self._watchdog(now, now_ns)
+        if now >= self._next_check:
+            self._next_check = now + CHECK_EVERY
+            self._check_memory()
+            self._status()
         if all_ready and not self.ready_sent and not self.pending_acks:
             self.ready_sent = True
             log.info("all %d workers ready", len(self.slots))

@@ -65,6 +65,7 @@ class Exchange:
         self._flusher: gevent.Greenlet | None = None
         self._handlers: dict[type, Callable] = {
             channel.Handoff: self._on_handoff, channel.Want: self._on_want,
+            channel.ClientHandoff: self._on_client_handoff,
             channel.Cancel: self._on_cancel, channel.Gather: self._on_gather,
             channel.Rows: self._on_rows, channel.Publish: self._on_publish,
             channel.Done: self._on_done, channel.Reply: self._on_reply,
@@ -127,21 +128,30 @@ class Exchange:
 
     def hand_over(self, server: Server, to_slot: int) -> bool:
         """Move an idle ``server`` to worker ``to_slot``; False if its inbox is full."""
-        pool = server.pool
-        family, address = server.target
-        host, port = (address, 0) if isinstance(address, str) else address[:2]
-        message = channel.Handoff(pool.dbname, pool.user, server.params, server.backend_pid,
-                                  server.backend_key, family, host, port, server.born,
-                                  server.connect_time, server.close_needed, self.slot)
-        if not self.inboxes.send(to_slot, message, [server.fd]):
+        if not self.inboxes.send(to_slot, self.describe(server), [server.fd]):
             return False
-        self.worker.limits.handed_out(pool.rows)
+        self.worker.limits.handed_out(server.pool.rows)
         server.detach()
         return True
 
+    def describe(self, server: Server) -> channel.Handoff:
+        """What another worker needs to carry on with ``server``."""
+        pool = server.pool
+        family, address = server.target
+        host, port = (address, 0) if isinstance(address, str) else address[:2]
+        return channel.Handoff(pool.dbname, pool.user, server.params, server.backend_pid,
+                               server.backend_key, family, host, port, server.born,
+                               server.connect_time, server.close_needed, self.slot)
+
     def _on_handoff(self, m: channel.Handoff, fds: list[int]) -> None:
+        server = self.receive_server(m, fds[0])
+        if server is not None:
+            server.pool.adopt(server)
+
+    def receive_server(self, m: channel.Handoff, fd: int) -> Server | None:
+        """Take over a server another worker sent; None if its database went away."""
         worker = self.worker
-        sock = socket.socket(fileno=fds[0])
+        sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         target = (m.family, m.host if m.family == socket.AF_UNIX else (m.host, m.port))
         rows = worker.limits.handed_in(m.db, m.user)
@@ -150,15 +160,21 @@ class Exchange:
             log.info("handed a server of unknown database %s: closing it", m.db)
             worker.limits.server_closed(rows)
             sock.close()
-            return
-        pool = worker.pool_for(db, m.user)
-        pool.rows = rows
+            return None
+        pool = worker.pool_for(db, m.user, rows)
         server = Server(worker, sock, pool, dict(m.params), m.backend_pid, m.backend_key,
                         target)
         server.born = m.born
         server.connect_time = m.connect_time
         server.close_needed = m.close_needed
-        pool.adopt(server)
+        pool.servers.add(server)
+        server.start()
+        return server
+
+    def _on_client_handoff(self, m: channel.ClientHandoff, fds: list[int]) -> None:
+        from .migrate import receive_client
+
+        receive_client(self.worker, m, fds)
 
     def want(self, pool: Pool) -> None:
         """Ask workers holding servers of ``pool`` to hand idle ones over (rate-limited)."""

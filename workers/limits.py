@@ -38,7 +38,7 @@ class Limits:
 
     def ensure_rows(self, pool: Pool) -> None:
         """Find or create the shared rows of a new pool (greenlet context: may wait)."""
-        rows = self._find(pool.dbname, pool.user)
+        rows = self.find_rows(pool.dbname, pool.user)
         if rows is None:
             seg = self.segment
             while not seg.try_lock():
@@ -49,7 +49,7 @@ class Limits:
                 seg.unlock()
         pool.rows = rows
 
-    def _find(self, dbname: str, user: str) -> tuple[int, int, int] | None:
+    def find_rows(self, dbname: str, user: str) -> tuple[int, int, int] | None:
         rows = tuple(self.segment.find_row(key) for key in _keys(dbname, user))
         return None if None in rows else rows  # type: ignore[return-value]
 
@@ -112,7 +112,7 @@ class Limits:
 
     def handed_in(self, dbname: str, user: str) -> tuple[int, int, int]:
         """A server arrived from another worker; returns its pool's rows."""
-        rows = self._find(dbname, user)
+        rows = self.find_rows(dbname, user)
         if rows is None:  # the sender made them; only a corrupt segment lacks them
             raise RuntimeError("handed a server for an unknown pool %s/%s" % (dbname, user))
         seg = self.segment
@@ -155,6 +155,12 @@ class Limits:
             return True
         finally:
             seg.unlock()
+
+    def client_moved_in(self) -> None:
+        """A client from a draining worker: counted here too until that worker is gone (and
+        its slot reset), so the total may read high for a moment, never low."""
+        self.clients += 1
+        self.segment.write(self.slot, clients=self.clients)
 
     def client_closed(self) -> None:
         self.clients -= 1

@@ -390,9 +390,7 @@ class Pool:
                                        if k not in self.welcome_tracked)
 
     def adopt(self, server: Server) -> None:
-        """A server handed over by another worker joins this pool."""
-        self.servers.add(server)
-        server.start()
+        """A server handed over by another worker (already in ``servers``) goes to work."""
         if not self._retire(server, _monotonic()):
             self.give(server)
 

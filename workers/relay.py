@@ -275,6 +275,16 @@ class Client(Conn):
             log.info("%s closing because: %s (age=%ds)", self.label(), reason,
                      int(_monotonic() - self.login_time))
 
+    def detach(self) -> None:
+        """Forget this client without closing it: another worker serves it now."""
+        self.closed = True
+        self.state = "moved"
+        self.stop_io()
+        self.sock.close()  # our descriptor only: the connection travels in the message
+        self.pool.client_gone(self)
+        self.worker.clients.pop(self.id, None)
+        self.worker.cancel_keys.pop(self.cancel_key, None)
+
     def label(self) -> str:
         return "C-%d: %s/%s@%s:%d" % (self.id, self.dbname, self.user, self.addr, self.port)
 

@@ -69,6 +69,7 @@ class Worker:
         self._stats_mark: tuple[int, dict[str, list[int]]] | None = None
         self.logins = 0
         self.draining = False
+        self.drainer = None  # a migrate.Drain while this worker moves its clients away
         self.state = state  # PAUSE/DISABLE/KILL as the master told every worker
         self.apply_config(config, epoch)
         self.limits = Limits(self)
@@ -165,6 +166,8 @@ class Worker:
         elif name == "WAIT_CLOSE":
             while any(s.close_needed for p in pools for s in p.servers):
                 gevent.sleep(0.02)
+        elif name == "DRAIN":
+            self.drain()
         elif name == "KILL_CLIENT":
             client = self.clients.get(int(arg))
             if client is None:
@@ -176,6 +179,18 @@ class Worker:
         log.info("worker %d: %s %s done", self.slot, name, arg)
         if command.reply_to >= 0:
             self.exchange.post(command.reply_to, channel.Reply(command.req, self.slot, error))
+
+    def drain(self) -> None:
+        """Stop accepting and move every client to the other workers, then exit."""
+        if self.draining:
+            return
+        from .migrate import Drain
+
+        self.draining = True
+        self._stop_accepting()
+        self.publish(shm.DRAINING)
+        self.drainer = Drain(self)
+        gevent.spawn(self.drainer.run)
 
     def is_paused(self, dbname: str) -> bool:
         return self.state.paused or dbname in self.state.paused_dbs
@@ -249,15 +264,25 @@ class Worker:
     def cancel(self, pid: int, key: int) -> None:
         """A CancelRequest, on whichever worker the kernel handed it: to the client's worker."""
         slot = pid >> 24
-        if slot != self.slot:
+        if slot == self.slot:
+            self.cancel_local(pid, key)
+        elif slot < shm.MAX_WORKERS and self.segment.read(slot).pid:
             self.exchange.relay_cancel(slot, pid, key)
-            return
-        self.cancel_local(pid, key)
+        else:
+            # The client's worker is gone (drained away): wherever the client went, that
+            # worker knows its key; the others ignore it.
+            if (pid, key) in self.cancel_keys:
+                self.cancel_local(pid, key)
+            else:
+                for other in self.exchange.live_slots():
+                    self.exchange.relay_cancel(other, pid, key)
 
     def cancel_local(self, pid: int, key: int) -> None:
         """Forward a cancel to the backend running that client's query, if it runs one."""
         client = self.cancel_keys.get((pid, key))
         if client is None:
+            if self.drainer is not None and self.drainer.forward_cancel(pid, key):
+                return
             log.info("cancel request for unknown key, ignored")
             return
         server = client.server
@@ -377,6 +402,12 @@ class Worker:
         # Reload arrives over the control channel; a stray SIGHUP must not kill a worker.
         gevent.signal_handler(signal.SIGHUP, lambda: None)
 
+    def _stop_accepting(self) -> None:
+        for watcher in self._accepting:
+            watcher.stop()
+        for lsock in self.listeners:
+            lsock.close()  # ours only: the master keeps the slot's listener for a successor
+
     def shutdown(self, wait_for: str) -> None:
         """Stop accepting; exit once no client is left ("clients") or no server is in use."""
         if self.draining:
@@ -384,10 +415,7 @@ class Worker:
             return
         self.draining = True
         log.info("worker %d shutting down: waiting for %s", self.slot, wait_for)
-        for watcher in self._accepting:
-            watcher.stop()
-        for lsock in self.listeners:
-            lsock.close()
+        self._stop_accepting()
         self.publish(shm.DRAINING)
         gevent.spawn(self._drain, wait_for)
 

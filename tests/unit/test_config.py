@@ -77,7 +77,7 @@ server_tls_sslmode server_tls_ca_file server_tls_key_file server_tls_cert_file s
 server_tls_ciphers server_tls13_ciphers
 logfile syslog syslog_ident syslog_facility log_connections log_disconnections log_pooler_errors
 log_stats verbose admin_users stats_users
-workers shutdown_timeout http_listen_addr http_listen_port
+workers shutdown_timeout http_listen_addr http_listen_port heartbeat_timeout max_worker_memory
 """.split()
 
 SUPPORTED = """
@@ -89,7 +89,8 @@ track_extra_parameters ignore_startup_parameters disable_pqexec application_name
 server_lifetime server_idle_timeout server_connect_timeout server_login_retry server_check_delay
 server_check_query server_reset_query server_reset_query_always client_login_timeout
 client_idle_timeout query_timeout query_wait_timeout idle_transaction_timeout tcp_keepalive
-pkt_buf max_packet_size stats_period conffile workers shutdown_timeout
+pkt_buf max_packet_size stats_period conffile workers shutdown_timeout heartbeat_timeout
+max_worker_memory http_listen_addr http_listen_port log_stats syslog syslog_ident syslog_facility
 """.split()
 
 RESTART = """
@@ -455,11 +456,11 @@ def test_peers_section_is_warned_once_and_ignored(write) -> None:
 
 
 def test_unsupported_settings_warn_but_load(write) -> None:
-    cfg = load_config(write(ini(pgbouncer="server_tls_sslmode = require\nlog_stats = 0\n")))
-    assert cfg.settings.server_tls_sslmode == "require" and cfg.settings.log_stats is False
+    cfg = load_config(write(ini(pgbouncer="server_tls_sslmode = require\ntcp_user_timeout = 5\n")))
+    assert cfg.settings.server_tls_sslmode == "require" and cfg.settings.tcp_user_timeout == 5
     assert [(p.line, p.key, p.message, p.severity) for p in cfg.warnings] == [
         (4, "server_tls_sslmode", "not supported yet, ignored", "warning"),
-        (5, "log_stats", "not supported yet, ignored", "warning"),
+        (5, "tcp_user_timeout", "not supported yet, ignored", "warning"),
     ]
     assert str(cfg.warnings[0]).endswith("pgherd.ini:4: server_tls_sslmode: not supported yet, ignored")
 
