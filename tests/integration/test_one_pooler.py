@@ -140,14 +140,13 @@ def _try_connect(h):
 # --------------------------------------------------------------------------- shared capacity
 
 
-def _sleepers(h, clients: int, seconds: float, conns=None) -> tuple[int, list[float], float]:
+def _sleepers(h, clients: int, seconds: float, conns=None) -> tuple[int, list[list[float]], float]:
     """``clients`` threads loop SELECT pg_sleep(0.01).
 
-    Returns (transactions, waits, fastest transaction): a transaction's wait is its latency
-    beyond the 10 ms it sleeps on the server.
+    Returns (transactions, each client's waits, fastest transaction): a transaction's wait
+    is its latency beyond the 10 ms it sleeps on the server.
     """
-    waits: list[float] = []
-    count = [0]
+    per_client: list[list[float]] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
     conns = conns or [h.connect(**NO_PREPARE) for _ in range(clients)]
@@ -159,8 +158,7 @@ def _sleepers(h, clients: int, seconds: float, conns=None) -> tuple[int, list[fl
             conn.execute("SELECT pg_sleep(0.01)")
             local.append(time.monotonic() - t0 - 0.01)
         with lock:
-            waits.extend(local)
-            count[0] += len(local)
+            per_client.append(local)
 
     threads = [threading.Thread(target=loop, args=(c,)) for c in conns]
     for t in threads:
@@ -169,17 +167,23 @@ def _sleepers(h, clients: int, seconds: float, conns=None) -> tuple[int, list[fl
         t.join()
     for c in conns:
         c.close()
-    return count[0], waits, 0.01 + min(waits)
+    total = sum(len(w) for w in per_client)
+    return total, per_client, 0.01 + min(min(w) for w in per_client)
 
 
-def _check_capacity(total: int, waits: list[float], fastest: float, seconds: float) -> None:
+def _check_capacity(total: int, per_client: list[list[float]], fastest: float,
+                    seconds: float) -> None:
     # pool_size 4 and 10 ms per transaction: 400 tps at most. A busy machine (CI runs tests
     # in parallel on 2 cores) stretches every transaction, a pooler's or not, so the ceiling
     # is what 4 servers achieve at the fastest transaction seen in this very run.
     ceiling = 4 / max(fastest, 0.01) * seconds
     assert total >= 0.9 * ceiling, "only %d of %d transactions" % (total, ceiling)
-    median = statistics.median(waits)
-    assert max(waits) <= 3 * median + 0.02, (max(waits), median)
+    # Fair waiting: no client waits (on average) more than 3x what the median client waits,
+    # whichever worker holds it. Per client, not per transaction: a test thread that the
+    # machine did not schedule for a moment says nothing about the pooler's fairness.
+    means = [statistics.mean(w) for w in per_client]
+    median = statistics.median(means)
+    assert max(means) <= 3 * median, (max(means), median)
 
 
 def test_no_stranded_capacity(pgherd):
