@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from importlib.metadata import version
 
@@ -30,10 +31,12 @@ def main() -> None:
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--workers", "-w", type=int, help="worker processes (overrides the config)")
+@click.option("--daemon", "-d", is_flag=True,
+              help="detach into the background (needs pidfile and logfile, like PgBouncer's -d)")
 @click.option("--quiet", "-q", is_flag=True, help="log nothing to stderr")
 @click.option("--verbose", "-v", count=True, help="more detail in the log (repeatable)")
-def run(config: str, workers: int | None, quiet: bool, verbose: int) -> None:
-    """Run the pooler in the foreground with CONFIG (a pgbouncer.ini)."""
+def run(config: str, workers: int | None, daemon: bool, quiet: bool, verbose: int) -> None:
+    """Run the pooler with CONFIG (a pgbouncer.ini), in the foreground unless --daemon."""
     import setproctitle
 
     from . import log
@@ -43,18 +46,84 @@ def run(config: str, workers: int | None, quiet: bool, verbose: int) -> None:
 
     overrides = {"workers": str(workers)} if workers is not None else {}
     cfg = _load(config, overrides)
-    log.setup(cfg.settings.logfile, max(verbose, cfg.settings.verbose), quiet)
+    if daemon and not (cfg.settings.pidfile and cfg.settings.logfile):
+        raise click.ClickException("--daemon needs pidfile and logfile in %s" % config)
+    log.setup(cfg.settings.logfile, max(verbose, cfg.settings.verbose), quiet or daemon)
     logger = logging.getLogger("pgherd")
     for problem in cfg.warnings:
         logger.warning("%s", problem)
     setproctitle.setproctitle("pgherd: master")
     try:
-        code = Master(cfg, overrides, verbose).run()
+        code = Master(cfg, overrides, verbose, daemon).run()
     except (ListenError, PidfileError) as exc:
         logger.error("%s", exc)
         click.echo("FATAL %s" % exc, err=True)
         raise SystemExit(1) from None
     sys.exit(code)
+
+
+def _master_pid(config: str) -> int:
+    """The running master of CONFIG, found through its pidfile; exits 3 (LSB: not running)."""
+    from .pidfile import read
+
+    cfg = _load(config, {})
+    if not cfg.settings.pidfile:
+        raise click.ClickException("%s sets no pidfile: cannot find the master" % config)
+    pid = read(cfg.settings.pidfile)
+    if pid is None:
+        click.echo("pgherd is not running (no live pid in %s)" % cfg.settings.pidfile, err=True)
+        raise SystemExit(3)
+    return pid
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def reload(config: str) -> None:
+    """Validate CONFIG, then have the running master reload it (SIGHUP)."""
+    import signal
+
+    pid = _master_pid(config)  # validates CONFIG first: a bad file is reported, not sent
+    os.kill(pid, signal.SIGHUP)
+    click.echo("reload requested (pid %d); the log says when every worker applied it" % pid)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--fast", is_flag=True, help="exit at once (SIGQUIT) instead of waiting")
+@click.option("--servers", is_flag=True,
+              help="wait only for servers to be released (SIGINT) instead of for clients")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="seconds to wait for the master to exit")
+def stop(config: str, fast: bool, servers: bool, timeout: float) -> None:
+    """Stop the running master: SIGTERM (wait for clients), SIGINT (--servers), SIGQUIT (--fast)."""
+    import signal
+    import time
+
+    pid = _master_pid(config)
+    sig = signal.SIGQUIT if fast else signal.SIGINT if servers else signal.SIGTERM
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            click.echo("stopped (pid %d)" % pid)
+            return
+        time.sleep(0.05)
+    raise click.ClickException("pid %d still running after %.0fs" % (pid, timeout))
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def status(config: str) -> None:
+    """Is the master of CONFIG running? Exit 0 if so, 3 if not (LSB)."""
+    import psutil
+
+    pid = _master_pid(config)
+    proc = psutil.Process(pid)
+    workers = [c for c in proc.children() if c.is_running()]
+    click.echo("pgherd is running: master pid %d, %d workers (%s)" % (
+        pid, len(workers), ", ".join(str(w.pid) for w in workers)))
 
 
 @main.command()

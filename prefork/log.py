@@ -134,8 +134,9 @@ def configure_syslog(settings: Any, address: Any = None) -> None:
     unknown = facility is None
     if unknown:
         facility = _H.LOG_DAEMON
+    fallback = address is None and not os.path.exists(DEV_LOG)
     if address is None:
-        address = DEV_LOG if os.path.exists(DEV_LOG) else ("localhost", 514)
+        address = ("localhost", 514) if fallback else DEV_LOG
     try:
         handler = SyslogHandler(address, facility)
     except OSError as exc:
@@ -143,6 +144,8 @@ def configure_syslog(settings: Any, address: Any = None) -> None:
         return
     handler.setFormatter(_SyslogFormatter(settings.syslog_ident or "pgbouncer"))
     root.addHandler(handler)
+    if fallback:
+        root.warning("syslog: no %s, sending to localhost:514 (UDP)", DEV_LOG)
     if unknown:
         root.warning("unknown syslog_facility %r: using daemon", settings.syslog_facility)
 

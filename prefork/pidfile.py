@@ -9,24 +9,30 @@ class PidfileError(Exception):
     pass
 
 
-def check(path: str) -> None:
-    """Raise if ``path`` names a live process; remove it if it is stale."""
-    if not path or not os.path.exists(path):
-        return
+def read(path: str) -> int | None:
+    """The live process ``path`` names, or None (no file, garbage, or a dead pid)."""
     try:
         with open(path) as f:
             pid = int(f.read().strip() or "0")
     except (OSError, ValueError):
-        pid = 0
-    if pid > 0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            raise PidfileError("pidfile '%s' exists, another instance running?" % path) from None
-        else:
-            raise PidfileError("pidfile '%s' exists, another instance running?" % path)
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    return pid
+
+
+def check(path: str) -> None:
+    """Raise if ``path`` names a live process; remove it if it is stale."""
+    if not path or not os.path.exists(path):
+        return
+    if read(path) is not None:
+        raise PidfileError("pidfile '%s' exists, another instance running?" % path)
     os.unlink(path)
 
 

@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from ipc.shm import MAX_WORKERS
+
 Kind = Literal["int", "time", "bool", "str", "enum", "list", "octal"]
 
 INT_MAX = 2**31 - 1
@@ -342,7 +344,8 @@ _TABLE: list[Setting] = [
     ),
     *_group(
         "pgherd's own settings (not in PgBouncer)",
-        _s("workers", "int", 0, "worker processes (0 = one per CPU)", supported=True),
+        _s("workers", "int", 0, "worker processes (0 = one per CPU)", supported=True,
+           maximum=MAX_WORKERS),
         _s("shutdown_timeout", "time", 60.0, "longest wait for clients to leave during a graceful shutdown",
            supported=True),
         _s("http_listen_addr", "str", "127.0.0.1", "address of the HTTP /metrics /health /ready endpoint",
