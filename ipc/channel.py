@@ -39,6 +39,7 @@ class Handoff(msgspec.Struct, tag=True, array_like=True):
     connect_time: float
     close_needed: bool
     from_slot: int
+    prepared: list[str] = []  # internal names of the statements it has prepared
 
 
 class ClientHandoff(msgspec.Struct, tag=True, array_like=True):
@@ -56,6 +57,7 @@ class ClientHandoff(msgspec.Struct, tag=True, array_like=True):
     port: int
     connect_time: float
     server: Handoff | None = None
+    statements: list[tuple[bytes, bytes, bytes]] = []  # (name, internal name, Parse)
 
 
 class Want(msgspec.Struct, tag=True, array_like=True):

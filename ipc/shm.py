@@ -184,6 +184,10 @@ class Segment:
         _HEADER.pack_into(self.mm, 0, *fields)
 
     @property
+    def master_pid(self) -> int:
+        return _HEADER.unpack_from(self.mm, 0)[5]
+
+    @property
     def epoch(self) -> int:
         """The configuration epoch the master last sent (master writes, all read)."""
         return _HEADER.unpack_from(self.mm, 0)[6]

@@ -48,7 +48,8 @@ def run(config: str, workers: int | None, daemon: bool, quiet: bool, verbose: in
     cfg = _load(config, overrides)
     if daemon and not (cfg.settings.pidfile and cfg.settings.logfile):
         raise click.ClickException("--daemon needs pidfile and logfile in %s" % config)
-    log.setup(cfg.settings.logfile, max(verbose, cfg.settings.verbose), quiet or daemon)
+    log.setup(cfg.settings.logfile, max(verbose, cfg.settings.verbose), quiet or daemon,
+              cfg.settings)
     logger = logging.getLogger("pgherd")
     for problem in cfg.warnings:
         logger.warning("%s", problem)

@@ -44,6 +44,8 @@ def bind_http(config: Config) -> list[socket.socket]:
     if not s.http_listen_port:
         return []
     host = s.http_listen_addr
+    if host == "*":
+        return _bind_group([(socket.AF_INET, "0.0.0.0")], s.http_listen_port, s.listen_backlog)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return _bind_group([(family, host)], s.http_listen_port, s.listen_backlog)
 

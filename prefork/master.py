@@ -29,7 +29,7 @@ from ipc import channel, shm
 import msgspec
 import psutil
 
-from . import listeners, log as plog, pidfile, systemd
+from . import listeners, log as plog, pidfile, statslog, systemd
 from .config import Config, ConfigError, load_config
 from .settings import SETTINGS
 
@@ -115,6 +115,7 @@ class Master:
         if self.daemon:
             _daemonize()  # after binding: a port in use is reported to the terminal
         self.segment = shm.Segment.create()
+        self.statslog = statslog.StatsLogger(self.segment, s)
         self.inboxes = channel.Inboxes(shm.MAX_WORKERS)
         pidfile.write(s.pidfile)
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -149,6 +150,7 @@ class Master:
                 self._read_mail()
             self._reap()
             self._release_ghosts()
+            self.statslog.tick(time.monotonic(), self.config.settings)
             if self.stopping:
                 if not any(slot.pid for slot in self.slots):
                     return
@@ -224,7 +226,7 @@ class Master:
         self.config = new
         self.epoch += 1
         self.segment.epoch = self.epoch
-        plog.reopen(new.settings.logfile, max(self.verbose, new.settings.verbose))
+        plog.reopen(new.settings.logfile, max(self.verbose, new.settings.verbose), new.settings)
         fd = os.memfd_create("pgherd-config", os.MFD_CLOEXEC)
         try:
             os.write(fd, msgspec.msgpack.encode(new))

@@ -395,7 +395,7 @@ def local_rows(worker: Worker, what: str) -> list[list]:
                    _stamp(c.connect_time), _stamp(c.connect_time), int(wait),
                    int(wait % 1 * 1e6), 0, "C-%d" % c.id,
                    "S-%d" % c.server.id if c.server else "", 0, "",
-                   c.params.get("application_name", ""), 0, c.id]
+                   c.params.get("application_name", ""), len(c.statements), c.id]
             rows.append(row + _buffers(c) if with_buffers else row)
     if what in ("SERVERS", "SOCKETS", "ACTIVE_SOCKETS"):
         for pool in worker.pools.values():
@@ -404,7 +404,7 @@ def local_rows(worker: Worker, what: str) -> list[list]:
                        *s.local(), _stamp(s.connect_time), _stamp(s.connect_time), 0, 0,
                        int(s.close_needed), "S-%d" % s.id,
                        "C-%d" % s.client.id if s.client else "", s.backend_pid, "",
-                       s.params.get("application_name", ""), 0, s.id]
+                       s.params.get("application_name", ""), len(s.statements.prepared), s.id]
                 rows.append(row + _buffers(s) if with_buffers else row)
     if what == "ACTIVE_SOCKETS":
         rows = [r for r in rows if r[-3]]  # only sockets with data waiting to be sent

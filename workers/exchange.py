@@ -25,6 +25,7 @@ import msgspec
 
 from ipc import channel
 
+from . import prepared
 from .relay import Server
 
 if TYPE_CHECKING:
@@ -141,7 +142,8 @@ class Exchange:
         host, port = (address, 0) if isinstance(address, str) else address[:2]
         return channel.Handoff(pool.dbname, pool.user, server.params, server.backend_pid,
                                server.backend_key, family, host, port, server.born,
-                               server.connect_time, server.close_needed, self.slot)
+                               server.connect_time, server.close_needed, self.slot,
+                               server.statements.names())
 
     def _on_handoff(self, m: channel.Handoff, fds: list[int]) -> None:
         server = self.receive_server(m, fds[0])
@@ -167,6 +169,7 @@ class Exchange:
         server.born = m.born
         server.connect_time = m.connect_time
         server.close_needed = m.close_needed
+        server.statements = prepared.ServerStatements(m.prepared)
         pool.servers.add(server)
         server.start()
         return server

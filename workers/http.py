@@ -75,7 +75,8 @@ MAX_HEAD = 8192  # request line + headers, bytes
 READ_TIMEOUT = 5.0  # the request head must arrive within this
 WRITE_TIMEOUT = 10.0  # the answer must be taken within this
 DRAIN_LIMIT = 65536  # bytes of an unread request body swallowed before closing
-HEARTBEAT_STALE = 5.0  # a worker whose heartbeat is older is not counted as live
+HEARTBEAT_STALE = 5.0  # a worker whose heartbeat is older is not counted as live (at most
+#                       heartbeat_timeout, after which the master replaces it anyway)
 
 VERSION = version("pgherd")
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -223,10 +224,6 @@ def respond(worker: Worker, metrics: Metrics, method: str, target: str,
 # --------------------------------------------------------------------------- health, ready
 
 
-def master_pid(segment: shm.Segment) -> int:
-    return shm._HEADER.unpack_from(segment.mm, 0)[5]
-
-
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -239,19 +236,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _live(slot: shm.WorkerSlot, now_ns: int) -> bool:
-    return (slot.pid != 0 and (now_ns - slot.heartbeat_ns) / 1e9 < HEARTBEAT_STALE
+def _stale_after(worker: Worker) -> float:
+    return min(HEARTBEAT_STALE, getattr(worker.settings, "heartbeat_timeout", HEARTBEAT_STALE))
+
+
+def _live(slot: shm.WorkerSlot, now_ns: int, stale: float) -> bool:
+    return (slot.pid != 0 and (now_ns - slot.heartbeat_ns) / 1e9 < stale
             and _pid_alive(slot.pid))
 
 
 def health(worker: Worker) -> tuple[int, str]:
     """200 while the master and at least one worker live."""
     seg = worker.segment
-    mpid = master_pid(seg)
+    mpid = seg.master_pid
     if not _pid_alive(mpid):
         return 503, "unhealthy: master (pid %d) is not running" % mpid
     now = time.monotonic_ns()
-    live = sum(1 for s in seg.read_all() if _live(s, now))
+    stale = _stale_after(worker)
+    live = sum(1 for s in seg.read_all() if _live(s, now, stale))
     if not live:
         return 503, "unhealthy: no live worker"
     return 200, "ok: master pid %d, %d live worker%s" % (mpid, live, "" if live == 1 else "s")
@@ -260,7 +262,7 @@ def health(worker: Worker) -> tuple[int, str]:
 def ready(worker: Worker) -> tuple[int, str]:
     """200 when every configured worker slot has a live READY worker, none paused."""
     seg = worker.segment
-    mpid = master_pid(seg)
+    mpid = seg.master_pid
     if not _pid_alive(mpid):
         return 503, "not ready: master (pid %d) is not running" % mpid
     wanted = worker.settings.workers
@@ -273,7 +275,7 @@ def ready(worker: Worker) -> tuple[int, str]:
             problems.append("worker %d shutting down" % s.slot)
         elif s.state != shm.READY:
             problems.append("worker %d %s" % (s.slot, shm.STATE_NAMES.get(s.state, "unknown")))
-        elif (now - s.heartbeat_ns) / 1e9 >= HEARTBEAT_STALE:
+        elif (now - s.heartbeat_ns) / 1e9 >= _stale_after(worker):
             problems.append("worker %d heartbeat %.0fs old" % (
                 s.slot, (now - s.heartbeat_ns) / 1e9))
         elif s.paused:
@@ -415,6 +417,7 @@ class Metrics:
                                   "Configuration epoch the worker has applied", labels=wl)
         live = 0
         paused = 0
+        stale = _stale_after(worker)
         pids = set()
         for s in slots:
             w = [str(s.slot)]
@@ -425,7 +428,7 @@ class Metrics:
             if not s.pid:
                 continue
             pids.add(s.pid)
-            if _live(s, now_ns):
+            if _live(s, now_ns, stale):
                 live += 1
             if s.paused:
                 paused = 1

@@ -73,6 +73,8 @@ class Drain:
         """At a transaction boundary, with nothing in flight in either direction."""
         if client.closed or client.pending is not None or client.out is not None:
             return False
+        if client.ps_partial or client.held:
+            return False
         if not client.fs.at_boundary() or client.state != "active":
             return False
         server = client.server
@@ -90,7 +92,8 @@ class Drain:
         message = channel.ClientHandoff(
             client.pool.dbname, client.pool.user, client.dbname, client.params,
             client.cancel_key[0], client.cancel_key[1], client.addr, client.port,
-            client.connect_time, worker.exchange.describe(server) if server else None)
+            client.connect_time, worker.exchange.describe(server) if server else None,
+            [(name, ename, parse) for name, (ename, parse) in client.statements.items()])
         fds = [client.fd] + ([server.fd] if server else [])
         if not worker.exchange.inboxes.send(target, message, fds):
             return False
@@ -130,6 +133,10 @@ def receive_client(worker: Worker, m: channel.ClientHandoff, fds: list[int]) -> 
                     (m.addr, m.port))
     client.connect_time = m.connect_time
     client.cancel_key = (m.cancel_pid, m.cancel_key)
+    if m.statements:
+        client.statements = {name: (ename, parse) for name, ename, parse in m.statements}
+        client.ps_mode = True
+        client.fs.watch_named = False
     worker.cancel_keys[client.cancel_key] = client
     worker.limits.client_moved_in()
     worker.client_ready(client)

@@ -54,6 +54,7 @@ B_COPY_IN = ord("G")
 B_COPY_OUT = ord("H")
 B_COPY_BOTH = ord("W")
 B_NEGOTIATE = ord("v")
+B_COMMAND_COMPLETE = ord("C")
 
 # Authentication request codes inside 'R'.
 AUTH_OK = 0
@@ -292,7 +293,7 @@ EMPTY_QUERY_RESPONSE = message(b"I")
 class _Scanner:
     """Message framing across chunks, shared by both directions."""
 
-    __slots__ = ("remaining", "head", "mtype", "body", "max_size")
+    __slots__ = ("remaining", "head", "mtype", "body", "max_size", "want", "report")
 
     #: message types whose body the subclass needs; others are reported by type only
     WANT_BODY: bytes = b""
@@ -305,6 +306,8 @@ class _Scanner:
         self.mtype = 0
         self.body: bytearray | None = None
         self.max_size = max_size
+        self.want = self.WANT_BODY
+        self.report = self.REPORT
 
     def at_boundary(self) -> bool:
         """True when no message is half-way through (safe to switch servers)."""
@@ -313,8 +316,8 @@ class _Scanner:
     def feed(self, buf: bytearray | memoryview, n: int) -> None:
         """Observe ``buf[:n]``; calls ``_message`` once per message, in stream order."""
         pos = 0
-        want = self.WANT_BODY
-        report = self.REPORT
+        want = self.want
+        report = self.report
         on_message = self._message
         while pos < n:
             if self.remaining:
@@ -362,7 +365,7 @@ class _Scanner:
         self.remaining = body_len
         if mtype in want:
             self.body = bytearray()
-        elif self.REPORT is None or mtype in self.REPORT:
+        elif self.report is None or mtype in self.report:
             # Reported at their start; bodies of uninteresting ones are skipped.
             self._message(mtype, b"", 0, -1)
 
@@ -383,9 +386,10 @@ class FrontendScanner(_Scanner):
     their Sync: the server holds an unnamed statement or portal for this client then.
     """
 
-    __slots__ = ("syncs", "ext_open", "syncs_since_exec", "copy_in", "terminate", "simple_queries")
+    __slots__ = ("syncs", "ext_open", "syncs_since_exec", "copy_in", "terminate", "simple_queries",
+                 "watch_named", "named")
 
-    def __init__(self, max_size: int = 0x7FFFFFFF) -> None:
+    def __init__(self, max_size: int = 0x7FFFFFFF, watch_named: bool = False) -> None:
         super().__init__(max_size)
         self.syncs = 0
         self.ext_open = False
@@ -393,6 +397,19 @@ class FrontendScanner(_Scanner):
         self.copy_in = False
         self.terminate = False
         self.simple_queries = 0
+        # Named prepared statements need rewriting (workers/prepared.py): when watched,
+        # ``named`` says one was seen (or a Parse/Bind/Describe/Close too split to tell).
+        self.watch_named = watch_named
+        self.named = False
+
+    def save(self) -> tuple:
+        """Everything feed() changes, to undo a chunk the caller decides to handle otherwise."""
+        return (self.remaining, self.head, self.mtype, self.body, self.syncs, self.ext_open,
+                self.syncs_since_exec, self.copy_in, self.terminate, self.simple_queries)
+
+    def restore(self, saved: tuple) -> None:
+        (self.remaining, self.head, self.mtype, self.body, self.syncs, self.ext_open,
+         self.syncs_since_exec, self.copy_in, self.terminate, self.simple_queries) = saved
 
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
         if mtype == F_QUERY:
@@ -415,6 +432,8 @@ class FrontendScanner(_Scanner):
         elif mtype in _EXTENDED:
             if not (mtype == F_FLUSH and self.copy_in):
                 self.ext_open = True
+            if self.watch_named and mtype != F_FLUSH and names_statement(mtype, buf, start, end):
+                self.named = True
         elif mtype == F_COPY_DONE or mtype == F_COPY_FAIL:
             self.copy_in = False
         elif mtype == F_FUNCTION_CALL:
@@ -436,6 +455,24 @@ class FrontendScanner(_Scanner):
 _EXTENDED = frozenset((F_PARSE, F_BIND, F_DESCRIBE, F_CLOSE, F_FLUSH))
 
 
+def names_statement(mtype: int, buf, start: int, end: int) -> bool:
+    """Does this Parse/Bind/Describe/Close refer to a NAMED prepared statement?
+
+    True also when the body is not at hand (``end < 0``): the caller must then look closer.
+    """
+    if end < 0:
+        return True
+    if end == start:
+        return False
+    if mtype == F_PARSE:
+        return buf[start] != 0
+    if mtype == F_BIND:
+        portal_end = buf.find(b"\x00", start, end)
+        return 0 <= portal_end < end - 1 and buf[portal_end + 1] != 0
+    # Describe/Close: 'S' + statement name (portals live only inside a transaction).
+    return buf[start] == 83 and end - start > 1 and buf[start + 1] != 0
+
+
 class BackendScanner(_Scanner):
     """Server -> client stream: ReadyForQuery statuses, ParameterStatus, COPY IN starts.
 
@@ -445,13 +482,18 @@ class BackendScanner(_Scanner):
     whether the server is in COPY IN after everything seen so far.
     """
 
-    __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in", "copy_open")
+    __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in", "copy_open", "discarded")
 
     WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS))
     REPORT = frozenset((B_READY, B_PARAMETER_STATUS, B_COPY_IN))
 
-    def __init__(self) -> None:
+    def __init__(self, watch_discard: bool = False) -> None:
         super().__init__()
+        if watch_discard:
+            # Prepared statements are tracked per server: see DISCARD ALL / DEALLOCATE ALL.
+            self.report = _REPORT_WITH_COMPLETE
+            self.want = _WANT_WITH_COMPLETE
+        self.discarded = False
         self.rfq = 0
         self.rfq_idle = 0
         self.status = 73  # 'I'
@@ -479,3 +521,11 @@ class BackendScanner(_Scanner):
         elif mtype == B_COPY_IN:
             self.copy_in += 1
             self.copy_open = True
+        elif mtype == B_COMMAND_COMPLETE and end >= 0:
+            tag = bytes(buf[start : start + 14])
+            if tag.startswith(b"DISCARD ALL") or tag.startswith(b"DEALLOCATE ALL"):
+                self.discarded = True
+
+
+_REPORT_WITH_COMPLETE = BackendScanner.REPORT | {B_COMMAND_COMPLETE}
+_WANT_WITH_COMPLETE = BackendScanner.WANT_BODY + bytes((B_COMMAND_COMPLETE,))

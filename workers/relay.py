@@ -19,7 +19,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import proto
+from . import prepared, proto
 from .proto import BackendScanner, FrontendScanner, MessageReader, ProtocolError
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class Client(Conn):
 
     __slots__ = ("pool", "server", "fs", "params", "params_key", "cancel_key", "user", "dbname",
                  "state", "pending", "pending_syncs", "request_time", "wait_started",
-                 "login_time", "mode")
+                 "login_time", "mode", "ps_mode", "statements", "ps_partial", "held")
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
                  params: dict[str, str], user: str, dbname: str, cid: int,
@@ -145,7 +145,15 @@ class Client(Conn):
         super().__init__(worker, sock, cid, addr)
         self.pool = pool
         self.server: Server | None = None
-        self.fs = FrontendScanner(worker.settings.max_packet_size)
+        self.mode = pool.mode
+        # Named statements are rewritten only where servers change hands between requests.
+        self.fs = FrontendScanner(worker.settings.max_packet_size,
+                                  watch_named=bool(worker.settings.max_prepared_statements
+                                                   and self.mode != SESSION))
+        self.ps_mode = False
+        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # name -> (internal, Parse)
+        self.ps_partial = b""  # a message not complete yet (rewriting needs it whole)
+        self.held = b""  # a header cut by a chunk, held back (see _relay)
         self.params = params  # tracked parameter values this client expects
         self.params_key = worker.tracked.key(params)
         self.cancel_key: tuple[int, int] = (0, 0)
@@ -157,7 +165,6 @@ class Client(Conn):
         self.request_time = 0.0
         self.wait_started = 0.0
         self.login_time = _monotonic()
-        self.mode = pool.mode
 
     def start(self) -> None:
         """Login is done: from now on the event loop drives this client."""
@@ -187,10 +194,17 @@ class Client(Conn):
             self.disconnect("internal error", error="internal error")
 
     def _relay(self, n: int) -> None:
+        if self.ps_mode:
+            self._relay_statements(bytes(_MV[:n]))
+            return
         fs = self.fs
         syncs = fs.syncs
         queries = fs.simple_queries
+        saved = fs.save() if fs.watch_named else None
         fs.feed(_BUF, n)
+        if fs.named:
+            self._enter_statements(saved, n)
+            return
         if fs.terminate:
             self.disconnect("client close request", clean=True)
             return
@@ -199,16 +213,74 @@ class Client(Conn):
             return
         server = self.server
         now = _monotonic()
+        data = _MV[:n]
+        if saved is not None and (self.held or fs.head):
+            # A header cut by the chunk could start a named Parse: never forward half of it.
+            data = self.held + bytes(data[: n - len(fs.head)])
+            self.held = fs.head
         if server is None:
             self.request_time = now
             server = self.pool.assign(self)
             if server is None:
                 # Parked until a server is linked and ready: see resume().
-                self.pending = bytes(_MV[:n])
+                self.pending = bytes(data)
                 self.pending_syncs = fs.syncs - syncs
                 self.rw.stop()
                 return
-        server.forward(_MV[:n], fs.syncs - syncs, now)
+        server.forward(data, fs.syncs - syncs, now)
+
+    # -- named prepared statements (workers/prepared.py) ----------------------------------
+
+    def _enter_statements(self, saved: tuple, n: int) -> None:
+        """This chunk names a prepared statement: from now on the stream is rewritten."""
+        fs = self.fs
+        fs.restore(saved)
+        fs.named = False
+        fs.watch_named = False
+        self.ps_mode = True
+        raw = fs.remaining  # the rest of a message already on its way: it goes as it is
+        server = self.server
+        if server is not None:
+            # Requests still in flight were sent unrewritten: their replies pass through.
+            for _ in range(server.expect):
+                server.statements.queue.append(prepared.Expect(b"Z", sync=True))
+            if raw:
+                fs.feed(_BUF, raw)
+                server.forward(bytes(_MV[:raw]), 0, _monotonic())
+        self.ps_partial = self.held
+        self.held = b""
+        self._relay_statements(bytes(_MV[raw:n]))
+
+    def _relay_statements(self, data: bytes) -> None:
+        server = self.server
+        now = _monotonic()
+        if server is None:
+            self.request_time = now
+            server = self.pool.assign(self)
+            if server is None:
+                self.pending = data
+                self.rw.stop()
+                return
+        self._send_statements(server, data, now)
+
+    def _send_statements(self, server: Server, data: bytes, now: float) -> None:
+        try:
+            out = prepared.rewrite(self, server, data)
+        except prepared.StatementError as exc:
+            self.disconnect(str(exc), error=str(exc))
+            return
+        owed = prepared.pending_injections(server.statements)
+        if owed:
+            self.write(owed)  # a Close answered here, with nothing of the server's before it
+        fs = self.fs
+        syncs = fs.syncs
+        if out:
+            fs.feed(out, len(out))
+        if fs.terminate:
+            self.disconnect("client close request", clean=True)
+            return
+        if out:
+            server.forward(out, fs.syncs - syncs, now)
 
     def resume(self) -> None:
         """A server is linked and ready: forward the parked request and read on."""
@@ -220,7 +292,9 @@ class Client(Conn):
             self.pool.stats.wait_time += int((now - self.wait_started) * 1e6)
             self.wait_started = 0.0
         data, self.pending = self.pending, None
-        if data:
+        if data and self.ps_mode:
+            self._send_statements(server, data, now)
+        elif data:
             server.forward(data, self.pending_syncs, now)
         if not self.closed and server.out is None:
             self.rw.start(self.on_read)
@@ -296,7 +370,7 @@ class Server(Conn):
     """A server connection that finished login, owned by one pool of this worker."""
 
     __slots__ = ("pool", "client", "bs", "params", "params_key", "backend_pid", "backend_key",
-                 "state",
+                 "statements", "state",
                  "expect", "release_on_drain", "close_needed", "last_used", "link_time",
                  "query_start", "xact_start", "internal", "reader", "internal_error",
                  "target", "born")
@@ -307,7 +381,8 @@ class Server(Conn):
         super().__init__(worker, sock)
         self.pool = pool
         self.client: Client | None = None
-        self.bs = BackendScanner()
+        self.bs = BackendScanner(watch_discard=bool(worker.settings.max_prepared_statements))
+        self.statements = prepared.ServerStatements()
         self.params = params  # every ParameterStatus this server reported, latest value
         self.params_key = worker.tracked.key(params)
         self.backend_pid = backend_pid
@@ -374,6 +449,9 @@ class Server(Conn):
         if bs.params is not None:
             self._take_params(bs.params, client)
             bs.params = None
+        if bs.discarded:
+            bs.discarded = False
+            prepared.forget_all(self.statements)
         z = bs.rfq - rfq
         if bs.copy_in:
             bs.copy_in = 0
@@ -385,8 +463,10 @@ class Server(Conn):
             client.fs.copy_in = False
         stats = self.pool.stats
         stats.sent_bytes += n
+        # A client with named statements sees the replies as if it had its own server.
+        data = prepared.filter_replies(self.statements, _BUF, n) if client.ps_mode else _MV[:n]
         if not z:
-            client.write(_MV[:n])
+            client.write(data)
             return
         idle = bs.rfq_idle - rfq_idle
         if client.mode == STATEMENT and idle != z:
@@ -405,7 +485,7 @@ class Server(Conn):
             if self.xact_start:
                 stats.xact_time += int((now - self.xact_start) * 1e6)
             self.xact_start = 0.0
-        sent = client.write(_MV[:n])
+        sent = client.write(data)
         if client.mode != SESSION and self.client is client and self.clean_for_release():
             if sent:
                 self.pool.release(self, now)
@@ -416,9 +496,9 @@ class Server(Conn):
         """At a transaction boundary with nothing in flight in either direction."""
         client = self.client
         return (self.expect <= 0 and self.bs.status == STATUS_IDLE and self.internal is None
-                and self.out is None and self.bs.at_boundary()
+                and self.out is None and self.bs.at_boundary() and not self.statements.queue
                 and (client is None or (not client.fs.ext_open and not client.fs.copy_in
-                                        and client.fs.at_boundary())))
+                                        and client.fs.at_boundary() and not client.ps_partial)))
 
     def _take_params(self, params: list[tuple[str, str]], client: Client | None) -> None:
         """ParameterStatus while linked: a SET by the client changes both sides alike."""

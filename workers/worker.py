@@ -114,7 +114,7 @@ class Worker:
         """
         old = self.config
         self.apply_config(config, epoch)
-        plog.reopen(config.settings.logfile, config.settings.verbose)
+        plog.reopen(config.settings.logfile, config.settings.verbose, config.settings)
         self.auto_databases = {}
         for key, pool in list(self.pools.items()):
             db = self.database(pool.dbname)

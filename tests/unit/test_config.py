@@ -91,6 +91,7 @@ server_check_query server_reset_query server_reset_query_always client_login_tim
 client_idle_timeout query_timeout query_wait_timeout idle_transaction_timeout tcp_keepalive
 pkt_buf max_packet_size stats_period conffile workers shutdown_timeout heartbeat_timeout
 max_worker_memory http_listen_addr http_listen_port log_stats syslog syslog_ident syslog_facility
+max_prepared_statements
 """.split()
 
 RESTART = """
