@@ -1,0 +1,130 @@
+"""Named (protocol-level) prepared statements in transaction mode: clients keep their
+statements while servers change hands between their transactions and between workers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import threading
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.wire import RawClient, errors_in, message, parse
+
+TXN_ONE = {"pool_mode": "transaction", "default_pool_size": 1}
+
+
+def test_pgbench_prepared_through_two_workers(pg, pgherd, pgbench_db):
+    # pgbench prepares each command with a BLOCKING call on first use: a thread whose
+    # client waits for a server stops its other clients too. With TPC-B's multi-statement
+    # transactions holding servers, a pool smaller than the clients would deadlock pgbench
+    # itself (PgBouncer alike), so the pool here is as large as the client count.
+    h = pgherd(settings={"pool_mode": "transaction", "default_pool_size": 8}, workers=2)
+    for script in (["-S"], []):
+        out = subprocess.run(
+            [pg.pgbench_path, "-n", "-h", h.host, "-p", str(h.port), "-U", "postgres",
+             "-c", "8", "-j", "2", "-T", "3", "-M", "prepared", *script, pgbench_db],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "number of failed transactions: 0" in out.stdout
+        assert int(re.search(r"processed: (\d+)", out.stdout).group(1)) > 100
+    stats = [r for r in h.admin_dicts("SHOW STATS") if r["database"] == pgbench_db][0]
+    assert stats["total_client_parse_count"] > 0
+    assert stats["total_bind_count"] > stats["total_server_parse_count"] > 0
+
+
+def test_psycopg_auto_prepare_with_clients_sharing_one_server(pgherd):
+    """psycopg prepares a query after 5 runs (named '_pg3_0' on every connection)."""
+    h = pgherd(settings=TXN_ONE, workers=2)
+    errors = []
+
+    def run(k):
+        try:
+            with h.connect() as conn:
+                for i in range(30):
+                    assert conn.execute("SELECT %s::int + %s", (i, k)).fetchone() == (i + k,)
+                    assert conn.execute("SELECT %s::text", (str(k),)).fetchone() == (str(k),)
+        except Exception as exc:  # collected: a thread's exception must fail the test
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    servers = h.admin_dicts("SHOW SERVERS")
+    assert len(servers) == 1 and servers[0]["prepared_statements"] >= 2
+
+
+def test_asyncpg_statement_cache_in_transaction_mode(pgherd):
+    h = pgherd(settings=TXN_ONE, workers=4)
+
+    async def one(k):
+        conn = await asyncpg.connect(h.dsn())  # default statement_cache_size: named statements
+        try:
+            for i in range(20):
+                assert await conn.fetchval("SELECT $1::int * 2", i) == 2 * i
+                async with conn.transaction():
+                    assert await conn.fetchval("SELECT $1::text || $2", "a", str(k)) == "a%d" % k
+            stmt = await conn.prepare("SELECT $1::int + 100")
+            assert await stmt.fetchval(k) == 100 + k
+        finally:
+            await conn.close()
+
+    async def main():
+        await asyncio.gather(*(one(k) for k in range(8)))
+
+    asyncio.run(main())
+
+
+def test_eviction_keeps_clients_working(pgherd):
+    h = pgherd(settings={**TXN_ONE, "max_prepared_statements": 2}, workers=1)
+    with h.connect(prepare_threshold=0) as conn:  # prepare every query at once
+        for round_ in range(3):
+            for k in range(5):
+                assert conn.execute("SELECT %s::int + " + str(k), (round_,)).fetchone() == (
+                    round_ + k,)
+    servers = h.admin_dicts("SHOW SERVERS")
+    assert servers[0]["prepared_statements"] <= 2
+
+
+def test_deallocate_all_and_close_are_honoured(pgherd):
+    h = pgherd(settings=TXN_ONE, workers=1)
+    with h.connect(prepare_threshold=0) as a, h.connect(prepare_threshold=0) as b:
+        assert a.execute("SELECT %s::int", (1,)).fetchone() == (1,)
+        a.execute("DEALLOCATE ALL")  # psycopg forgets its statements; the server drops all
+        assert b.execute("SELECT %s::int", (2,)).fetchone() == (2,)  # re-prepared for b
+        assert a.execute("SELECT %s::int", (3,)).fetchone() == (3,)
+
+
+def test_pgbouncers_errors_for_misused_names(pgherd):
+    h = pgherd(settings={"pool_mode": "transaction"}, workers=1)
+    with RawClient(h.host, h.port) as c:
+        c.login("postgres", "p0")
+        c.send(parse("SELECT 1", "s1") + message(b"S"))
+        assert [t for t, _ in c.read_until_ready()] == [b"1", b"Z"]
+        c.send(parse("SELECT 2", "s1") + message(b"S"))  # the same name again
+        errors = errors_in(c.read_until_eof())
+        assert errors and errors[0]["M"] == "prepared statement name is already in use"
+    with RawClient(h.host, h.port) as c:
+        c.login("postgres", "p0")
+        c.send(message(b"B", b"\x00nosuch\x00\x00\x00\x00\x00\x00\x00") + message(b"S"))
+        errors = errors_in(c.read_until_eof())
+        assert errors and errors[0]["M"] == "prepared statement did not exist"
+
+
+@pytest.mark.parametrize("mode", ["transaction", "statement"])
+def test_pipeline_with_named_statements_and_an_error(pgherd, mode):
+    h = pgherd(settings={"pool_mode": mode}, workers=2)
+    with h.connect(prepare_threshold=0) as conn:
+        with conn.pipeline():
+            c1 = conn.execute("SELECT %s::int", (1,))
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                with conn.pipeline():
+                    conn.execute("SELECT %s::int / 0", (1,))
+            c3 = conn.execute("SELECT %s::int + 1", (2,))
+        assert c1.fetchone() == (1,) and c3.fetchone() == (3,)
