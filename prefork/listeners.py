@@ -34,7 +34,13 @@ def _addresses(config: Config) -> list[tuple[int, str]]:
 def bind_tcp(config: Config) -> list[socket.socket]:
     """The TCP listeners of ONE worker slot (one per listen address)."""
     s = config.settings
-    return _bind_group(_addresses(config), s.listen_port, s.listen_backlog)
+    socks = _bind_group(_addresses(config), s.listen_port, s.listen_backlog)
+    if s.tcp_defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):
+        # As PgBouncer: a connection is accepted once its first packet is there, so a login
+        # starts with data to read instead of a wait.
+        for sock in socks:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 45)
+    return socks
 
 
 def bind_http(config: Config) -> list[socket.socket]:

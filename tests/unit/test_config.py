@@ -91,13 +91,13 @@ server_check_query server_reset_query server_reset_query_always client_login_tim
 client_idle_timeout query_timeout query_wait_timeout idle_transaction_timeout tcp_keepalive
 pkt_buf max_packet_size stats_period conffile workers shutdown_timeout heartbeat_timeout
 max_worker_memory http_listen_addr http_listen_port log_stats syslog syslog_ident syslog_facility
-max_prepared_statements
+max_prepared_statements tcp_defer_accept
 """.split()
 
 RESTART = """
 disable_pqexec job_name service_name listen_addr listen_backlog listen_port pidfile pkt_buf
 resolv_conf so_reuseport track_extra_parameters unix_socket_dir unix_socket_group
-unix_socket_mode user http_listen_addr http_listen_port
+unix_socket_mode user http_listen_addr http_listen_port tcp_defer_accept
 """.split()
 
 
