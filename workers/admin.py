@@ -527,29 +527,14 @@ def _resume(worker: Worker, arg: str) -> bytes:
     return _everywhere(worker, "RESUME", arg)
 
 
-def _disable(worker: Worker, arg: str) -> bytes:
-    _db_arg(worker, "DISABLE", arg, True)
-    return _everywhere(worker, "DISABLE", arg)
+def _on_database(name: str, required: bool) -> Callable[[Worker, str], bytes]:
+    """DISABLE, ENABLE, KILL (a database required), RECONNECT, WAIT_CLOSE ([db])."""
 
+    def command(worker: Worker, arg: str) -> bytes:
+        _db_arg(worker, name, arg, required)
+        return _everywhere(worker, name, arg)
 
-def _enable(worker: Worker, arg: str) -> bytes:
-    _db_arg(worker, "ENABLE", arg, True)
-    return _everywhere(worker, "ENABLE", arg)
-
-
-def _kill(worker: Worker, arg: str) -> bytes:
-    _db_arg(worker, "KILL", arg, True)
-    return _everywhere(worker, "KILL", arg)
-
-
-def _reconnect(worker: Worker, arg: str) -> bytes:
-    _db_arg(worker, "RECONNECT", arg, False)
-    return _everywhere(worker, "RECONNECT", arg)
-
-
-def _wait_close(worker: Worker, arg: str) -> bytes:
-    _db_arg(worker, "WAIT_CLOSE", arg, False)
-    return _everywhere(worker, "WAIT_CLOSE", arg)
+    return command
 
 
 def _kill_client(worker: Worker, arg: str) -> bytes:
@@ -582,8 +567,10 @@ def _check(error: str) -> None:
 
 
 _CONTROL: dict[str, Callable[[Worker, str], bytes]] = {
-    "RELOAD": _reload, "PAUSE": _pause, "RESUME": _resume, "DISABLE": _disable,
-    "ENABLE": _enable, "KILL": _kill, "RECONNECT": _reconnect, "WAIT_CLOSE": _wait_close,
+    "RELOAD": _reload, "PAUSE": _pause, "RESUME": _resume,
+    "DISABLE": _on_database("DISABLE", True), "ENABLE": _on_database("ENABLE", True),
+    "KILL": _on_database("KILL", True), "RECONNECT": _on_database("RECONNECT", False),
+    "WAIT_CLOSE": _on_database("WAIT_CLOSE", False),
     "KILL_CLIENT": _kill_client, "SUSPEND": _suspend, "SHUTDOWN": _shutdown,
 }
 
