@@ -38,6 +38,8 @@ from urllib.parse import quote, urlencode
 import psutil
 import psycopg
 
+from prefork import pgtools
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SIGTERM = signal.SIGTERM  # Pgherd.signal() shadows the module inside the class body
 
@@ -99,52 +101,17 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def _version_key(path: Path) -> tuple:
-    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.]", path.name))
-
-
-# --------------------------------------------------------------------------------------
-# PostgreSQL binaries
-# --------------------------------------------------------------------------------------
-
-
 def pg_bindir() -> Path:
-    """Directory holding initdb, pg_ctl and postgres.
-
-    ``initdb`` found on PATH wins (symlinks resolved, so /usr/local/bin/initdb ->
-    /usr/lib/postgresql/15/bin gives the real bin dir); otherwise the highest
-    /usr/lib/postgresql/<version>/bin that has initdb.
-    """
-    found = shutil.which("initdb")
-    if found:
-        real = Path(os.path.realpath(found)).parent
-        if (real / "pg_ctl").exists() and (real / "postgres").exists():
-            return real
-    candidates = [
-        p / "bin" for p in Path("/usr/lib/postgresql").glob("*") if (p / "bin" / "initdb").exists()
-    ]
-    if candidates:
-        return max(candidates, key=lambda b: _version_key(b.parent))
-    raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found")
+    """Directory holding initdb, pg_ctl and postgres (see prefork.pgtools)."""
+    found = pgtools.pg_bindir()
+    if found is None:
+        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found")
+    return found
 
 
 def pg_tool(name: str, bindir: Path | None = None) -> str | None:
-    """Path of a PostgreSQL client tool (``pgbench``, ``psql``...), or None.
-
-    Prefers the server's own bin dir (same major version as the cluster), then PATH
-    (on Debian /usr/bin/psql is pg_wrapper, which is fine), then any
-    /usr/lib/postgresql/<v>/bin, highest version first.
-    """
-    bindir = bindir or pg_bindir()
-    if (bindir / name).exists():
-        return str(bindir / name)
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in sorted(Path("/usr/lib/postgresql").glob("*"), key=_version_key, reverse=True):
-        if (d / "bin" / name).exists():
-            return str(d / "bin" / name)
-    return None
+    """Path of a PostgreSQL client tool (``pgbench``, ``psql``...), or None."""
+    return pgtools.pg_tool(name, bindir or pg_bindir())
 
 
 # --------------------------------------------------------------------------------------
