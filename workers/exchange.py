@@ -170,6 +170,7 @@ class Exchange:
         server.connect_time = m.connect_time
         server.close_needed = m.close_needed
         server.statements = prepared.ServerStatements(m.prepared)
+        server.bs.watch_discard(bool(m.prepared))
         pool.servers.add(server)
         server.start()
         return server

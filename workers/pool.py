@@ -22,7 +22,7 @@ import gevent.event
 
 from ipc import shm
 
-from . import proto
+from . import prepared, proto
 
 from .relay import SESSION, Client, Server
 from .varcache import server_set_query
@@ -217,6 +217,8 @@ class Pool:
         if error is not None:
             server.close("server_reset_query failed: %s" % error.get("M", ""))
             return
+        if server.statements.prepared:  # DISCARD ALL (the usual reset) drops them
+            prepared.forget_all(server)
         self.give(server)
 
     def give(self, server: Server) -> None:

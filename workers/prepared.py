@@ -188,6 +188,8 @@ def _prepare(server: Server, st: ServerStatements, ename: bytes, parse: bytes,
         out += proto.message(b"C", b"S" + old + b"\x00")
         st.queue.append(Expect(b"3", DROP))
     out += parse
+    if not st.prepared:
+        server.bs.watch_discard(True)
     st.prepared[ename] = None
     st.queue.append(Expect(b"1", action, forget=ename))
     server.pool.stats.server_parse_count += 1
@@ -266,6 +268,7 @@ def pending_injections(st: ServerStatements) -> bytes:
     return bytes(out)
 
 
-def forget_all(st: ServerStatements) -> None:
+def forget_all(server: Server) -> None:
     """DISCARD ALL / DEALLOCATE ALL ran on this server: it has nothing prepared any more."""
-    st.prepared.clear()
+    server.statements.prepared.clear()
+    server.bs.watch_discard(False)

@@ -402,14 +402,15 @@ class FrontendScanner(_Scanner):
         self.watch_named = watch_named
         self.named = False
 
-    def save(self) -> tuple:
-        """Everything feed() changes, to undo a chunk the caller decides to handle otherwise."""
-        return (self.remaining, self.head, self.mtype, self.body, self.syncs, self.ext_open,
-                self.syncs_since_exec, self.copy_in, self.terminate, self.simple_queries)
-
-    def restore(self, saved: tuple) -> None:
-        (self.remaining, self.head, self.mtype, self.body, self.syncs, self.ext_open,
-         self.syncs_since_exec, self.copy_in, self.terminate, self.simple_queries) = saved
+    def unsee(self, syncs: int, syncs_since_exec: int) -> None:
+        """Forget a chunk whose messages will be fed again (rewritten): its counts go back;
+        the rest of what it changed the second feed sets alike."""
+        self.syncs = syncs
+        self.syncs_since_exec = syncs_since_exec
+        self.remaining = 0
+        self.head = b""
+        self.body = None
+        self.named = False
 
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
         if mtype == F_QUERY:
@@ -487,12 +488,8 @@ class BackendScanner(_Scanner):
     WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS))
     REPORT = frozenset((B_READY, B_PARAMETER_STATUS, B_COPY_IN))
 
-    def __init__(self, watch_discard: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        if watch_discard:
-            # Prepared statements are tracked per server: see DISCARD ALL / DEALLOCATE ALL.
-            self.report = _REPORT_WITH_COMPLETE
-            self.want = _WANT_WITH_COMPLETE
         self.discarded = False
         self.rfq = 0
         self.rfq_idle = 0
@@ -500,6 +497,11 @@ class BackendScanner(_Scanner):
         self.params: list[tuple[str, str]] | None = None
         self.copy_in = 0
         self.copy_open = False  # in COPY IN after the last message seen
+
+    def watch_discard(self, on: bool) -> None:
+        """While a server has prepared statements: notice DISCARD ALL / DEALLOCATE ALL."""
+        self.report = _REPORT_WITH_COMPLETE if on else BackendScanner.REPORT
+        self.want = _WANT_WITH_COMPLETE if on else BackendScanner.WANT_BODY
 
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
         if mtype == B_READY:

@@ -200,10 +200,13 @@ class Client(Conn):
         fs = self.fs
         syncs = fs.syncs
         queries = fs.simple_queries
-        saved = fs.save() if fs.watch_named else None
+        watch = fs.watch_named
+        if watch:
+            since, raw = fs.syncs_since_exec, fs.remaining
         fs.feed(_BUF, n)
         if fs.named:
-            self._enter_statements(saved, n)
+            fs.unsee(syncs, since)
+            self._enter_statements(raw, n)
             return
         if fs.terminate:
             self.disconnect("client close request", clean=True)
@@ -214,7 +217,7 @@ class Client(Conn):
         server = self.server
         now = _monotonic()
         data = _MV[:n]
-        if saved is not None and (self.held or fs.head):
+        if watch and (self.held or fs.head):
             # A header cut by the chunk could start a named Parse: never forward half of it.
             data = self.held + bytes(data[: n - len(fs.head)])
             self.held = fs.head
@@ -231,21 +234,20 @@ class Client(Conn):
 
     # -- named prepared statements (workers/prepared.py) ----------------------------------
 
-    def _enter_statements(self, saved: tuple, n: int) -> None:
-        """This chunk names a prepared statement: from now on the stream is rewritten."""
+    def _enter_statements(self, raw: int, n: int) -> None:
+        """This chunk names a prepared statement: from now on the stream is rewritten.
+
+        ``raw`` bytes at its start finish a message already on its way: they go as they are.
+        """
         fs = self.fs
-        fs.restore(saved)
-        fs.named = False
         fs.watch_named = False
         self.ps_mode = True
-        raw = fs.remaining  # the rest of a message already on its way: it goes as it is
         server = self.server
         if server is not None:
             # Requests still in flight were sent unrewritten: their replies pass through.
             for _ in range(server.expect):
                 server.statements.queue.append(prepared.Expect(b"Z", sync=True))
             if raw:
-                fs.feed(_BUF, raw)
                 server.forward(bytes(_MV[:raw]), 0, _monotonic())
         self.ps_partial = self.held
         self.held = b""
@@ -381,7 +383,7 @@ class Server(Conn):
         super().__init__(worker, sock)
         self.pool = pool
         self.client: Client | None = None
-        self.bs = BackendScanner(watch_discard=bool(worker.settings.max_prepared_statements))
+        self.bs = BackendScanner()
         self.statements = prepared.ServerStatements()
         self.params = params  # every ParameterStatus this server reported, latest value
         self.params_key = worker.tracked.key(params)
@@ -451,7 +453,7 @@ class Server(Conn):
             bs.params = None
         if bs.discarded:
             bs.discarded = False
-            prepared.forget_all(self.statements)
+            prepared.forget_all(self)
         z = bs.rfq - rfq
         if bs.copy_in:
             bs.copy_in = 0
