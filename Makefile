@@ -5,7 +5,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench deps postgres pgbouncer clean
+.PHONY: test demo bench deps postgres pgbouncer clean deb rpm
 
 test: deps postgres pgbouncer
 	$(PY) -m pytest -n auto -p no:cacheprovider
@@ -34,6 +34,16 @@ pgbouncer:
 	@command -v pgbouncer >/dev/null 2>&1 || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
 		(apt-get install -y pgbouncer || (apt-get update && apt-get install -y pgbouncer)) || \
 		echo "pgbouncer could not be installed: the demo compares with PostgreSQL only"
+
+# Service packages (packaging/README.md): dist/pgherd_<version>_<arch>.deb and
+# dist/pgherd-<version>-1.<arch>.rpm, version from pyproject.toml. Each installs the Debian
+# build tools it lacks (dh-virtualenv, rpm...) and takes the pinned dependencies from PyPI;
+# RPM_PYTHON=3.12 make rpm targets another Python than 3.11.
+deb:
+	sh packaging/build-deb.sh
+
+rpm:
+	sh packaging/build-rpm.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache bench-results

@@ -206,6 +206,9 @@ class Master:
         try:
             new = load_config(self.config.path, self.overrides)
         except ConfigError as exc:
+            # logrotate's reload must get a fresh log file even when the config is broken.
+            plog.reopen(self.config.settings.logfile,
+                        max(self.verbose, self.config.settings.verbose), self.config.settings)
             self.reload_failures += 1
             self.segment.reload_failures = self.reload_failures
             for problem in exc.problems:
