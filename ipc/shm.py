@@ -9,6 +9,10 @@ respawned worker) sees the same pages. Layout, at fixed offsets:
   has a header (its key, the master's *ghost* counters, one waiting flag byte per worker) and
   one **cell** per worker with that worker's counts and stats for the row.
 
+Every counter is read and written as one aligned 8-byte word (``Segment.q``, a memoryview cast
+to "Q"): ``struct.pack_into`` writes byte by byte, and a reader in another process could see
+a count half-written — briefly zero — and admit one connection too many.
+
 Single writer everywhere: a worker writes only its own slot, its own cells and its own waiting
 flag bytes; the master writes a slot or cell only while no worker owns it (before a fork,
 after a reap), and the ghost counters. Readers sum over workers. Slots are read under a seqlock
@@ -41,7 +45,6 @@ MAX_ROWS = 1024
 _HEADER = struct.Struct("<8sIIIIQQQ")
 HEADER_SIZE = 64
 SLOT_SIZE = 256
-_Q = struct.Struct("<Q")
 
 # ---------------------------------------------------------------- worker slots
 
@@ -49,8 +52,7 @@ SLOT_FIELDS = (
     "seq", "pid", "generation", "state", "heartbeat_ns", "started_ns", "restarts",
     "clients", "servers", "logins", "waiting", "epoch", "paused",
 )
-_SLOT = struct.Struct("<%dQ" % len(SLOT_FIELDS))
-assert _SLOT.size <= SLOT_SIZE
+assert 8 * len(SLOT_FIELDS) <= SLOT_SIZE
 _SLOT_OFFSET = {name: i * 8 for i, name in enumerate(SLOT_FIELDS)}
 
 # Worker slot states.
@@ -92,7 +94,7 @@ CELL_FIELDS = (
     "sv_login", "cl_active", "cl_waiting", "waiting_since_ns", "clients",
 ) + STAT_FIELDS
 CELL_SIZE = 8 * len(CELL_FIELDS)
-_CELL = struct.Struct("<%dQ" % len(CELL_FIELDS))
+_CELL_WORDS = len(CELL_FIELDS)
 _CELL_OFFSET = {name: i * 8 for i, name in enumerate(CELL_FIELDS)}
 
 KEY_SIZE = 160
@@ -100,7 +102,6 @@ GHOST_FIELDS = ("ghost_servers", "ghost_sent", "ghost_received") + tuple(
     "ghost_" + f for f in STAT_FIELDS)
 _ROW_HEAD = struct.Struct("<Q%ds%dQ" % (KEY_SIZE, len(GHOST_FIELDS)))
 _GHOST_OFFSET = {name: 8 + KEY_SIZE + i * 8 for i, name in enumerate(GHOST_FIELDS)}
-_GHOSTS = struct.Struct("<3Q")  # ghost_servers, ghost_sent, ghost_received: adjacent
 FLAGS_OFFSET = (_ROW_HEAD.size + 7) // 8 * 8
 #: A pool's server defaults (ParameterStatus of its first login), msgpack, written once.
 WELCOME_OFFSET = FLAGS_OFFSET + MAX_WORKERS
@@ -151,8 +152,7 @@ class Segment:
         # servers, sent, received of every cell of a row in one unpack: the admission check
         # runs it under the lock, so it must be quick.
         self._no_flags = bytes(max_workers)
-        self._clients = struct.Struct("<" + ("Q%dx" % (SLOT_SIZE - 8)) * (max_workers - 1) + "Q")
-        self._counts = struct.Struct("<" + ("3Q%dx" % (CELL_SIZE - 24)) * max_workers)
+        self.q = memoryview(mm).cast("Q")  # the whole segment as aligned 8-byte words
 
     @classmethod
     def create(cls, max_workers: int = MAX_WORKERS, max_rows: int = MAX_ROWS) -> Segment:
@@ -168,6 +168,14 @@ class Segment:
         seg = cls(fd, mm, max_workers, max_rows)
         seg.attach()
         return seg
+
+    def close(self) -> None:
+        """Unmap and close (tests; the service keeps its segment for life)."""
+        self.q.release()
+        self.mm.close()
+        for fd in (self.fd, self.lock_fd):
+            if fd >= 0:
+                os.close(fd)
 
     def attach(self) -> None:
         """Open this process's own description of the memfd, for the admission lock."""
@@ -226,13 +234,13 @@ class Segment:
 
     def write(self, slot: int, **fields: int) -> None:
         """Update some fields of ``slot`` under its seqlock (the slot's single writer only)."""
-        mm = self.mm
-        base = self._slot(slot)
-        (seq,) = _Q.unpack_from(mm, base)
-        _Q.pack_into(mm, base, seq + 1)
+        q = self.q
+        base = self._slot(slot) >> 3
+        seq = q[base]
+        q[base] = seq + 1
         for name, value in fields.items():
-            _Q.pack_into(mm, base + _SLOT_OFFSET[name], value)
-        _Q.pack_into(mm, base, seq + 2)
+            q[base + (_SLOT_OFFSET[name] >> 3)] = value
+        q[base] = seq + 2
 
     def reset(self, slot: int, **fields: int) -> None:
         """Zero a slot (keeping its seq moving) and set ``fields``: the master, after a reap."""
@@ -242,12 +250,12 @@ class Segment:
 
     def read(self, slot: int) -> WorkerSlot:
         """A consistent snapshot; retries while the owner is in the middle of a write."""
-        mm = self.mm
-        base = self._slot(slot)
+        q = self.q
+        base = self._slot(slot) >> 3
         while True:
-            values = _SLOT.unpack_from(mm, base)
+            values = q[base : base + len(SLOT_FIELDS)].tolist()
             seq = values[0]
-            if seq & 1 == 0 and _Q.unpack_from(mm, base)[0] == seq:
+            if seq & 1 == 0 and q[base] == seq:
                 return WorkerSlot(slot, *values[1:])
             os.sched_yield()
 
@@ -256,7 +264,8 @@ class Segment:
 
     def total_clients(self) -> int:
         """Admitted clients of all workers (max_client_conn runs this under the lock)."""
-        return sum(self._clients.unpack_from(self.mm, self.slots_offset + _SLOT_OFFSET["clients"]))
+        start = (self.slots_offset + _SLOT_OFFSET["clients"]) >> 3
+        return sum(self.q[start : start + self.max_workers * SLOT_SIZE // 8 : SLOT_SIZE // 8])
 
     # -- rows --------------------------------------------------------------------------
 
@@ -274,7 +283,7 @@ class Segment:
         for i in range(self.max_rows):
             row = (start + i) % self.max_rows
             base = self._row_base(row)
-            if not _Q.unpack_from(mm, base)[0]:
+            if not self.q[base >> 3]:
                 return None
             if mm[base + 8 : base + 8 + KEY_SIZE] == padded:
                 self._rows[key] = row
@@ -291,9 +300,9 @@ class Segment:
         for i in range(self.max_rows):
             row = (start + i) % self.max_rows
             base = self._row_base(row)
-            if not _Q.unpack_from(mm, base)[0]:
+            if not self.q[base >> 3]:
                 mm[base + 8 : base + 8 + KEY_SIZE] = key.ljust(KEY_SIZE, b"\x00")
-                _Q.pack_into(mm, base, 1)  # published last: readers never see half a key
+                self.q[base >> 3] = 1  # published last: readers never see half a key
                 self._rows[key] = row
                 return row
         raise TableFull("the shared pool table is full (%d rows)" % self.max_rows)
@@ -302,37 +311,50 @@ class Segment:
         return self._row_base(row) + CELLS_OFFSET + slot * CELL_SIZE
 
     def cell_get(self, row: int, slot: int, field: str) -> int:
-        return _Q.unpack_from(self.mm, self._cell(row, slot) + _CELL_OFFSET[field])[0]
+        return self.q[(self._cell(row, slot) + _CELL_OFFSET[field]) >> 3]
 
     def cell_add(self, row: int, slot: int, field: str, delta: int) -> None:
-        off = self._cell(row, slot) + _CELL_OFFSET[field]
-        _Q.pack_into(self.mm, off, _Q.unpack_from(self.mm, off)[0] + delta)
+        i = (self._cell(row, slot) + _CELL_OFFSET[field]) >> 3
+        self.q[i] += delta  # the cell's single writer: no other process changes it
 
     def cell_set(self, row: int, slot: int, **fields: int) -> None:
         base = self._cell(row, slot)
+        q = self.q
         for name, value in fields.items():
-            _Q.pack_into(self.mm, base + _CELL_OFFSET[name], value)
+            q[(base + _CELL_OFFSET[name]) >> 3] = value
 
     def cell_read(self, row: int, slot: int) -> dict[str, int]:
-        return dict(zip(CELL_FIELDS, _CELL.unpack_from(self.mm, self._cell(row, slot))))
+        start = self._cell(row, slot) >> 3
+        return dict(zip(CELL_FIELDS, self.q[start : start + len(CELL_FIELDS)].tolist()))
 
     def _ghost(self, row: int, name: str) -> int:
-        return _Q.unpack_from(self.mm, self._row_base(row) + _GHOST_OFFSET[name])[0]
+        return self.q[(self._row_base(row) + _GHOST_OFFSET[name]) >> 3]
 
     def servers_total(self, row: int) -> int:
-        """Server connections counted against a row's limits: held, in flight, and those of
-        dead workers still inside their grace period."""
-        values = self._counts.unpack_from(self.mm, self._row_base(row) + CELLS_OFFSET)
-        held = sum(values[0::3])
-        in_flight = sum(values[1::3]) - sum(values[2::3])
-        base = self._row_base(row)
-        ghost_servers, ghost_sent, ghost_received = _GHOSTS.unpack_from(
-            self.mm, base + _GHOST_OFFSET["ghost_servers"])
-        return held + ghost_servers + in_flight + ghost_sent - ghost_received
+        """Server connections counted against a row's limits: held, in flight between
+        workers, and those of dead workers still inside their grace period.
+
+        The fields are read in an order that can only overcount while other processes move
+        a server (hand-over: the receiver adds ``servers`` then ``received``, the sender adds
+        ``sent`` then subtracts ``servers``; a reap raises ghosts before zeroing cells and
+        zeroes ``received`` before raising its ghost): every ``received`` first (ghost before
+        cells), then every ``servers``, then every ``sent`` (cells before ghosts). Reading
+        them in any other order can undercount by one — and admit one server too many.
+        """
+        q = self.q
+        cells = q[(self._row_base(row) + CELLS_OFFSET) >> 3 :][: self.max_workers * _CELL_WORDS]
+        g = (self._row_base(row) + _GHOST_OFFSET["ghost_servers"]) >> 3
+        received = q[g + 2]
+        received += sum(cells[2::_CELL_WORDS])
+        servers = sum(cells[0::_CELL_WORDS])
+        servers += q[g]
+        sent = sum(cells[1::_CELL_WORDS])
+        sent += q[g + 1]
+        return servers + sent - received
 
     def get_welcome(self, row: int) -> bytes | None:
         base = self._row_base(row) + WELCOME_OFFSET
-        (length,) = _Q.unpack_from(self.mm, base)
+        length = self.q[base >> 3]
         return bytes(self.mm[base + 8 : base + 8 + length]) if length else None
 
     def set_welcome(self, row: int, data: bytes) -> None:
@@ -341,7 +363,7 @@ class Segment:
             return  # unusual parameter sets stay per worker
         base = self._row_base(row) + WELCOME_OFFSET
         self.mm[base + 8 : base + 8 + len(data)] = data
-        _Q.pack_into(self.mm, base, len(data))  # length last: readers see all or nothing
+        self.q[base >> 3] = len(data)  # length last: readers see all or nothing
 
     # -- waiting flags: who has clients waiting for a pool, and since when -------------
 
@@ -370,32 +392,31 @@ class Segment:
 
         Returns {row: servers} the caller must later :meth:`release_ghost`: the backends of a
         dead worker may outlive it for a moment, so its servers stay counted a little longer.
-        Ghosts are raised before cells are zeroed, so no reader ever sees too little.
+        Each step may only raise what :meth:`servers_total` reads, until the last restores it.
         """
         held: dict[int, int] = {}
-        mm = self.mm
+        q = self.q
         for row in range(self.max_rows):
             base = self._row_base(row)
-            if not _Q.unpack_from(mm, base)[0]:
+            if not q[base >> 3]:
                 continue
             cell = self.cell_read(row, slot)
-            moves = {"ghost_servers": cell["servers"], "ghost_sent": cell["sent"],
-                     "ghost_received": cell["received"]}
-            for f in STAT_FIELDS:
-                moves["ghost_" + f] = cell[f]
-            for name, value in moves.items():
-                if value:
-                    off = base + _GHOST_OFFSET[name]
-                    _Q.pack_into(mm, off, _Q.unpack_from(mm, off)[0] + value)
-            mm[base + FLAGS_OFFSET + slot] = 0
-            mm[self._cell(row, slot) : self._cell(row, slot) + CELL_SIZE] = bytes(CELL_SIZE)
+            at = self._cell(row, slot) >> 3
+            ghost = lambda name: (base + _GHOST_OFFSET["ghost_" + name]) >> 3  # noqa: E731
+            for name in ("servers", "sent") + STAT_FIELDS:
+                q[ghost(name)] += cell[name]
+            self.mm[base + FLAGS_OFFSET + slot] = 0
+            for i, name in enumerate(CELL_FIELDS):
+                if name != "received":
+                    q[at + i] = 0
+            q[at + CELL_FIELDS.index("received")] = 0
+            q[ghost("received")] += cell["received"]
             if cell["servers"]:
                 held[row] = cell["servers"]
         return held
 
     def release_ghost(self, row: int, servers: int) -> None:
-        off = self._row_base(row) + _GHOST_OFFSET["ghost_servers"]
-        _Q.pack_into(self.mm, off, _Q.unpack_from(self.mm, off)[0] - servers)
+        self.q[(self._row_base(row) + _GHOST_OFFSET["ghost_servers"]) >> 3] -= servers
 
     # -- readers for the admin console and metrics -------------------------------------
 
@@ -404,14 +425,15 @@ class Segment:
         mm = self.mm
         for row in range(self.max_rows):
             base = self._row_base(row)
-            if not _Q.unpack_from(mm, base)[0]:
+            if not self.q[base >> 3]:
                 continue
             raw = bytes(mm[base + 8 : base + 8 + KEY_SIZE]).rstrip(b"\x00").decode()
             kind, *names = raw.split("\x00")
             totals = dict.fromkeys(CELL_FIELDS, 0)
             oldest = 0
             for slot in range(self.max_workers):
-                cell = _CELL.unpack_from(mm, self._cell(row, slot))
+                start = self._cell(row, slot) >> 3
+                cell = self.q[start : start + len(CELL_FIELDS)].tolist()
                 for name, value in zip(CELL_FIELDS, cell):
                     totals[name] += value
                 since = cell[_CELL_OFFSET["waiting_since_ns"] // 8]

@@ -280,8 +280,8 @@ class Master:
             log.error("cannot add workers: %s", exc)
             return
         for slot in self.slots[new:]:
-            if slot.pid:  # moves its clients to the others, then exits; not respawned
-                self.inboxes.send(slot.index, channel.Command(0, -1, "DRAIN"))
+            if slot.pid:  # moves its clients to slots below ``new``, then exits; not respawned
+                self.inboxes.send(slot.index, channel.Command(0, -1, "DRAIN", str(new)))
             for sock in slot.tcp + slot.http:
                 sock.close()
             slot.tcp = []
@@ -480,6 +480,7 @@ class Master:
             lived = time.monotonic() - slot.started
             if slot.index >= self.config.settings.workers:
                 log.info("worker %d (pid %d) exited: fewer workers configured", slot.index, pid)
+                self._salvage_inbox(slot.index)
                 continue
             if slot.recycling:
                 slot.recycling = False
@@ -532,8 +533,29 @@ class Master:
                             "recycling it", slot.index, slot.pid, rss >> 20,
                             self.config.settings.max_worker_memory)
                 slot.recycling = True
-                self.inboxes.send(slot.index, channel.Command(0, -1, "DRAIN"))
+                self.inboxes.send(slot.index, channel.Command(
+                    0, -1, "DRAIN", str(self.config.settings.workers)))
                 return
+
+    def _salvage_inbox(self, index: int) -> None:
+        """A slot that will not be served again may still hold connections in its inbox
+        (a client or server handed to it as it drained): pass them to a live worker."""
+        live = [s.index for s in self.slots if s.pid and s.index < self.config.settings.workers]
+        for turn in itertools.count():
+            try:
+                got = self.inboxes.receive(index)
+            except msgspec.DecodeError:
+                continue
+            if got is None:
+                return
+            message, fds = got
+            moved = bool(fds) and bool(live) and isinstance(
+                message, (channel.Handoff, channel.ClientHandoff)) and self.inboxes.send(
+                live[turn % len(live)], message, fds)
+            for fd in fds:
+                os.close(fd)  # sent ones travel on as copies; the rest are hung up
+            if fds and not moved:
+                log.warning("worker %d: a connection left in its inbox was closed", index)
 
     def _release_ghosts(self) -> None:
         now = time.monotonic()

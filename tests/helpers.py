@@ -114,6 +114,36 @@ def pg_tool(name: str, bindir: Path | None = None) -> str | None:
     return pgtools.pg_tool(name, bindir or pg_bindir())
 
 
+class Sampler(threading.Thread):
+    """Polls pg_stat_activity every 50 ms (``pg.backends(**filters)``) and keeps the largest
+    count it saw: the ground truth for a limit. Use as a context manager."""
+
+    def __init__(self, pg: "PgCluster", **filters: Any) -> None:
+        super().__init__(daemon=True)
+        self.pg = pg
+        self.filters = filters
+        self.max = 0
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.max = max(self.max, self.pg.backends(**self.filters))
+                self.samples += 1
+            except psycopg.OperationalError:
+                pass  # PostgreSQL restarting (a test may do that): nothing to count
+            self._halt.wait(0.05)
+
+    def __enter__(self) -> "Sampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        self.join()
+
+
 # --------------------------------------------------------------------------------------
 # ports
 # --------------------------------------------------------------------------------------

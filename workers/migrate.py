@@ -36,8 +36,9 @@ POLL = 0.005  # how often a draining worker looks for clients at a transaction b
 class Drain:
     """The state of a draining worker."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, keep: int) -> None:
         self.worker = worker
+        self.keep = keep  # slots below this stay; the others drain too
         self.moved: dict[tuple[int, int], int] = {}  # cancel key -> slot the client went to
         self._next = 0
 
@@ -61,7 +62,7 @@ class Drain:
 
     def target(self) -> int | None:
         """A live worker that is not draining, round robin."""
-        live = [w.slot for w in self.worker.segment.read_all(self.worker.settings.workers)
+        live = [w.slot for w in self.worker.segment.read_all(self.keep)
                 if w.pid and w.state == shm.READY and w.slot != self.worker.slot]
         if not live:
             return None

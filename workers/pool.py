@@ -80,6 +80,7 @@ class Pool:
         self._grow_pending = False
         self.full_until = 0.0  # a limit refused a new server until then: do not ask again
         self.size = self.reserve = 0
+        self.check_surplus = False
         self.apply_config()
 
     def apply_config(self) -> None:
@@ -99,7 +100,7 @@ class Pool:
         size = pick("pool_size", s.default_pool_size)
         reserve = pick("reserve_pool_size", s.reserve_pool_size)
         # Fewer servers allowed than before: close the surplus as it is released.
-        self.check_surplus = (size, reserve) != (self.size, self.reserve)
+        self.check_surplus = self.check_surplus or (size, reserve) != (self.size, self.reserve)
         self.size = size
         self.reserve = reserve
         self.min_size = db.min_pool_size if db.min_pool_size is not None else s.min_pool_size
@@ -260,6 +261,16 @@ class Pool:
         else:
             return False
         return True
+
+    def trim(self) -> None:
+        """After a reload made the pool smaller: close idle servers beyond the new size now,
+        rather than when they next become free (an idle one may never)."""
+        closing = sum(1 for s in self.worker.closing if s.pool is self)
+        while self.idle and self.check_surplus and (
+                self.worker.segment.servers_total(self.rows[0]) - closing
+                > self.size + self.reserve):
+            self.idle.popleft().close("pool size reduced")
+            closing += 1
 
     def _surplus(self) -> bool:
         """More servers than the (reloaded, smaller) size allows, across all workers?"""

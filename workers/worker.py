@@ -127,6 +127,7 @@ class Worker:
             pool.db = db
             pool.password = db.password or config.userlist.get(pool.user)
             pool.apply_config()
+            pool.trim()
         if old.settings.max_client_conn != config.settings.max_client_conn:
             log.info("max_client_conn is now %d", config.settings.max_client_conn)
         self._publish_slot()
@@ -167,7 +168,7 @@ class Worker:
             while any(s.close_needed for p in pools for s in p.servers):
                 gevent.sleep(0.02)
         elif name == "DRAIN":
-            self.drain()
+            self.drain(int(arg) if arg else self.settings.workers)
         elif name == "KILL_CLIENT":
             client = self.clients.get(int(arg))
             if client is None:
@@ -180,8 +181,9 @@ class Worker:
         if command.reply_to >= 0:
             self.exchange.post(command.reply_to, channel.Reply(command.req, self.slot, error))
 
-    def drain(self) -> None:
-        """Stop accepting and move every client to the other workers, then exit."""
+    def drain(self, keep: int) -> None:
+        """Stop accepting and move every client to the workers of slots below ``keep`` (the
+        worker count after this drain), then exit."""
         if self.draining:
             return
         from .migrate import Drain
@@ -189,7 +191,7 @@ class Worker:
         self.draining = True
         self._stop_accepting()
         self.publish(shm.DRAINING)
-        self.drainer = Drain(self)
+        self.drainer = Drain(self, keep)
         gevent.spawn(self.drainer.run)
 
     def is_paused(self, dbname: str) -> bool:

@@ -18,38 +18,12 @@ import psutil
 import psycopg
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import Sampler, wait_for
 
 WORKERS = 4
 # These clients run one statement in a loop; psycopg would prepare it after 5 runs, and named
 # prepared statements in transaction mode are not what these tests are about.
 NO_PREPARE = {"prepare_threshold": None}
-
-
-class Sampler(threading.Thread):
-    """Polls pg_stat_activity every 50 ms and keeps the largest count it saw."""
-
-    def __init__(self, pg, **filters) -> None:
-        super().__init__(daemon=True)
-        self.pg = pg
-        self.filters = filters
-        self.max = 0
-        self.samples = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.max = max(self.max, self.pg.backends(**self.filters))
-            self.samples += 1
-            self._halt.wait(0.05)
-
-    def __enter__(self) -> "Sampler":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._halt.set()
-        self.join()
 
 
 def pgbench(pg, h, *args: str, dbname: str = "bench") -> subprocess.CompletedProcess:

@@ -80,9 +80,7 @@ def test_a_counter_going_backwards_counts_as_zero() -> None:
 def seg() -> shm.Segment:
     segment = shm.Segment.create(max_workers=4, max_rows=32)
     yield segment
-    segment.mm.close()
-    os.close(segment.fd)
-    os.close(segment.lock_fd)
+    segment.close()
 
 
 def test_service_totals_sum_every_pool_and_worker_and_include_dead_workers(seg) -> None:

@@ -1,0 +1,94 @@
+"""The shared-memory segment: rows, cells, limits arithmetic, seqlocked slots, and counters
+that another process never sees half-written."""
+
+import os
+
+import pytest
+
+from ipc import shm
+
+
+@pytest.fixture
+def seg():
+    segment = shm.Segment.create(max_workers=4, max_rows=16)
+    yield segment
+    segment.close()
+
+
+def test_rows_are_found_by_every_process_and_created_once(seg):
+    key = shm.row_key(shm.POOL, "db", "user")
+    assert seg.find_row(key) is None
+    row = seg.row(key)
+    assert seg.row(key) == row
+    other = shm.Segment(seg.fd, seg.mm, seg.max_workers, seg.max_rows)  # no cache yet
+    assert other.find_row(key) == row
+    with pytest.raises(ValueError):
+        shm.row_key(shm.POOL, "x" * 100, "y" * 100)
+
+
+def test_servers_total_counts_held_in_flight_and_ghosts(seg):
+    row = seg.row(shm.row_key(shm.POOL, "db", "u"))
+    seg.cell_add(row, 0, "servers", 3)
+    seg.cell_add(row, 1, "servers", 2)
+    assert seg.servers_total(row) == 5
+    # Worker 0 hands one to worker 1: counted once while in flight, once after.
+    seg.cell_add(row, 0, "sent", 1)
+    seg.cell_add(row, 0, "servers", -1)
+    assert seg.servers_total(row) == 5
+    seg.cell_add(row, 1, "servers", 1)
+    seg.cell_add(row, 1, "received", 1)
+    assert seg.servers_total(row) == 5
+    held = seg.retire_worker(1)  # worker 1 dies holding 3
+    assert held == {row: 3} and seg.servers_total(row) == 5
+    assert seg.cell_read(row, 1)["servers"] == 0
+    seg.release_ghost(row, 3)
+    assert seg.servers_total(row) == 2
+
+
+def test_waiting_flags_name_the_oldest_other_worker(seg):
+    row = seg.row(shm.row_key(shm.POOL, "db", "u"))
+    assert seg.oldest_waiter_elsewhere(row, 0) is None
+    seg.set_waiting(row, 1, 2, 2000)
+    seg.set_waiting(row, 2, 1, 1000)
+    assert seg.oldest_waiter_elsewhere(row, 0) == (2, 1000)
+    assert seg.oldest_waiter_elsewhere(row, 2) == (1, 2000)
+    seg.set_waiting(row, 2, 0, 0)
+    assert seg.oldest_waiter_elsewhere(row, 0) == (1, 2000)
+
+
+def test_admission_lock_excludes_another_description(seg):
+    other = shm.Segment(seg.fd, seg.mm, seg.max_workers, seg.max_rows)
+    other.attach()  # its own open file description, as a worker has
+    try:
+        assert seg.try_lock()
+        assert not other.try_lock()
+        seg.unlock()
+        assert other.try_lock()
+        other.unlock()
+    finally:
+        os.close(other.lock_fd)
+
+
+def test_slots_read_consistently(seg):
+    seg.write(2, pid=42, clients=7, state=shm.READY)
+    snap = seg.read(2)
+    assert (snap.pid, snap.clients, snap.state) == (42, 7, shm.READY)
+    assert seg.total_clients() == 7
+
+
+def test_a_reader_never_sees_a_counter_half_written(seg):
+    """A writer flips a count between 255 and 256 (every byte changes); another process
+    reading it must only ever see one of the two."""
+    row = seg.row(shm.row_key(shm.POOL, "db", "u"))
+    seg.cell_set(row, 0, servers=255)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for i in range(200_000):
+                seg.cell_set(row, 0, servers=256 if i & 1 else 255)
+        finally:
+            os._exit(0)
+    seen = set()
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        seen.add(seg.cell_get(row, 0, "servers"))
+    assert seen <= {255, 256}
