@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgherd")
 _monotonic = time.monotonic
 
-WANT_INTERVAL = 0.005  # at most one Want per pool and worker this often
+WANT_INTERVAL = 0.005  # a pool asks the other workers at most this often
 GATHER_TIMEOUT = 2.0  # an admin view waits this long for a worker that does not answer
 ROWS_PER_MESSAGE = 500
 
@@ -59,7 +59,7 @@ class Exchange:
         self.worker = worker
         self.inboxes = inboxes
         self.slot = worker.slot
-        self._want_sent: dict[tuple[str, str, int], float] = {}
+        self._want_next: dict[Pool, float] = {}  # when a pool may ask again
         self._pending: dict[int, _Pending] = {}
         self._req = itertools.count(1)
         self._outbox: collections.deque[tuple[int, channel.Message]] = collections.deque()
@@ -182,18 +182,15 @@ class Exchange:
 
     def want(self, pool: Pool) -> None:
         """Ask workers holding servers of ``pool`` to hand idle ones over (rate-limited)."""
-        seg = self.worker.segment
         now = _monotonic()
-        message = None
-        for slot in range(seg.max_workers):
-            if slot == self.slot or not seg.cell_get(pool.rows[0], slot, "servers"):
-                continue
-            key = (pool.dbname, pool.user, slot)
-            if now - self._want_sent.get(key, 0.0) < WANT_INTERVAL:
-                continue
-            self._want_sent[key] = now
-            message = message or channel.Want(pool.dbname, pool.user, self.slot)
-            self.inboxes.send(slot, message)  # best effort: releases check the flags anyway
+        if now < self._want_next.get(pool, 0.0):
+            return
+        self._want_next[pool] = now + WANT_INTERVAL
+        seg = self.worker.segment
+        message = channel.Want(pool.dbname, pool.user, self.slot)
+        for slot in range(self.worker.settings.workers):
+            if slot != self.slot and seg.cell_get(pool.rows[0], slot, "servers"):
+                self.inboxes.send(slot, message)  # best effort: releases check the flags
 
     def _on_want(self, m: channel.Want, fds: list[int]) -> None:
         pool = self.worker.pools.get((m.db, m.user))

@@ -42,6 +42,7 @@ FAIRNESS_SLACK = 0.002
 #: After a limit refused a new server, requests queue without asking again for this long:
 #: under saturation every queued request would otherwise take the admission lock.
 FULL_BACKOFF = 0.001
+WAIT_PUBLISH = 0.001  # see Pool.waiting_changed
 
 
 class PoolStats:
@@ -81,6 +82,8 @@ class Pool:
         self.full_until = 0.0  # a limit refused a new server until then: do not ask again
         self.size = self.reserve = 0
         self.check_surplus = False
+        self._published_waiting = False
+        self._published_at = 0.0
         self.apply_config()
 
     def apply_config(self) -> None:
@@ -242,9 +245,20 @@ class Pool:
         server.state = "idle"
         self.idle.append(server)
 
-    def waiting_changed(self) -> None:
-        """Publish how many clients wait here and since when, for the other workers."""
+    def waiting_changed(self, force: bool = False) -> None:
+        """Publish how many clients wait here and since when, for the other workers.
+
+        At once when the queue empties or stops being empty (that is what other workers act
+        on); otherwise at most every WAIT_PUBLISH seconds: a saturated pool changes its
+        queue at every transaction, and the age of the oldest waiter may lag that much.
+        """
         waiting = self.waiting
+        now = _monotonic()
+        if (not force and bool(waiting) == self._published_waiting
+                and now - self._published_at < WAIT_PUBLISH):
+            return
+        self._published_waiting = bool(waiting)
+        self._published_at = now
         since = int(waiting[0].wait_started * 1e9) if waiting else 0
         self.worker.segment.set_waiting(self.rows[0], self.worker.slot, len(waiting), since)
 
@@ -477,6 +491,7 @@ class Pool:
         # Publishing at every release would cost the hot path; a few times a second is enough
         # for SHOW POOLS and metrics (and an admin command asks for a fresh publish anyway).
         self.publish()
+        self.waiting_changed(force=True)
         if s.server_idle_timeout:
             for server in [srv for srv in self.idle if now - srv.last_used > s.server_idle_timeout]:
                 if len(self.servers) <= self.min_size:

@@ -412,14 +412,17 @@ class FrontendScanner(_Scanner):
         self.body = None
         self.named = False
 
+    def query(self) -> None:
+        """A Query: one ReadyForQuery owed. It also ends whatever Parse/Bind/Describe left
+        unsynced: the server drops the unnamed statement and portal when it starts one."""
+        self.syncs += 1
+        self.syncs_since_exec = 0
+        self.simple_queries += 1
+        self.ext_open = False
+
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
         if mtype == F_QUERY:
-            # A Query also ends whatever Parse/Bind/Describe left unsynced: the server drops
-            # the unnamed statement and portal when it starts a simple query.
-            self.syncs += 1
-            self.syncs_since_exec = 0
-            self.simple_queries += 1
-            self.ext_open = False
+            self.query()
         elif mtype == F_SYNC:
             self.ext_open = False
             if not self.copy_in:

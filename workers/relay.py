@@ -35,9 +35,11 @@ _BUF = bytearray(BUF_SIZE)
 _MV = memoryview(_BUF)
 
 _monotonic = time.monotonic
+_INT32 = proto.INT32
 
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 STATUS_IDLE = 73  # ReadyForQuery 'I'
+PARK_LIMIT = 64 * 1024  # a waiting client's requests kept before it is no longer read
 
 
 class Conn:
@@ -198,22 +200,33 @@ class Client(Conn):
             self._relay_statements(bytes(_MV[:n]))
             return
         fs = self.fs
-        syncs = fs.syncs
-        queries = fs.simple_queries
-        watch = fs.watch_named
-        if watch:
-            since, raw = fs.syncs_since_exec, fs.remaining
-        fs.feed(_BUF, n)
-        if fs.named:
-            fs.unsee(syncs, since)
-            self._enter_statements(raw, n)
-            return
-        if fs.terminate:
-            self.disconnect("client close request", clean=True)
-            return
-        if fs.simple_queries != queries and self.worker.settings.disable_pqexec:
-            self.disconnect("PQexec disallowed", error="PQexec disallowed")
-            return
+        if (n > 5 and _BUF[0] == proto.F_QUERY and not fs.remaining and not fs.head
+                and _INT32.unpack_from(_BUF, 1)[0] == n - 1):
+            # One whole simple Query, the most common request: counted without a scan.
+            if self.worker.settings.disable_pqexec:
+                self.disconnect("PQexec disallowed", error="PQexec disallowed")
+                return
+            fs.query()
+            synced = 1
+            watch = False
+        else:
+            syncs = fs.syncs
+            queries = fs.simple_queries
+            watch = fs.watch_named
+            if watch:
+                since, raw = fs.syncs_since_exec, fs.remaining
+            fs.feed(_BUF, n)
+            if fs.named:
+                fs.unsee(syncs, since)
+                self._enter_statements(raw, n)
+                return
+            if fs.terminate:
+                self.disconnect("client close request", clean=True)
+                return
+            if fs.simple_queries != queries and self.worker.settings.disable_pqexec:
+                self.disconnect("PQexec disallowed", error="PQexec disallowed")
+                return
+            synced = fs.syncs - syncs
         server = self.server
         now = _monotonic()
         data = _MV[:n]
@@ -222,15 +235,24 @@ class Client(Conn):
             data = self.held + bytes(data[: n - len(fs.head)])
             self.held = fs.head
         if server is None:
+            if self.pending is not None:  # still waiting: what comes meanwhile waits too
+                self._park_more(data, synced)
+                return
             self.request_time = now
             server = self.pool.assign(self)
             if server is None:
-                # Parked until a server is linked and ready: see resume().
+                # Parked until a server is linked and ready: see resume(). Reading goes on
+                # (a hang-up is noticed), up to PARK_LIMIT bytes.
                 self.pending = bytes(data)
-                self.pending_syncs = fs.syncs - syncs
-                self.rw.stop()
+                self.pending_syncs = synced
                 return
-        server.forward(data, fs.syncs - syncs, now)
+        server.forward(data, synced, now)
+
+    def _park_more(self, data: bytes | memoryview, syncs: int) -> None:
+        self.pending += data
+        self.pending_syncs += syncs
+        if len(self.pending) > PARK_LIMIT:
+            self.rw.stop()  # resume() starts it again
 
     # -- named prepared statements (workers/prepared.py) ----------------------------------
 
@@ -257,11 +279,13 @@ class Client(Conn):
         server = self.server
         now = _monotonic()
         if server is None:
+            if self.pending is not None:
+                self._park_more(data, 0)
+                return
             self.request_time = now
             server = self.pool.assign(self)
             if server is None:
                 self.pending = data
-                self.rw.stop()
                 return
         self._send_statements(server, data, now)
 
