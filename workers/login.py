@@ -105,36 +105,145 @@ def send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
 # --------------------------------------------------------------------------- client login
 
 
-def client_login(worker: Worker, sock: socket.socket, peer: tuple[str, int], cid: int) -> None:
-    """Greenlet: startup packet, authentication, welcome; then hand over to the relay."""
-    s = worker.settings
-    addr = "%s:%d" % peer
-    label = "C-%d" % cid
-    deadline = _monotonic() + (s.client_login_timeout or 1e9)
-    reader = MessageReader(startup=True)
-    worker.logins += 1
-    user = dbname = "?"
-    admitted = False  # holds one of the service's max_client_conn places until handed over
-    try:
-        params = _startup(worker, sock, reader, deadline)
-        if params is None:
-            sock.close()
+class _Wait(Exception):
+    """This login must wait for something (a password, a server, a lock): a greenlet takes
+    it from where it stopped."""
+
+
+class Login:
+    """One client's login: startup packet, authentication, welcome; then the relay.
+
+    It starts without a greenlet, on a read watcher: with TCP_DEFER_ACCEPT the first packet
+    is there at accept, an SSLRequest gets its 'N' at once, and a trust login with a known
+    pool finishes in one callback. Anything that has to wait raises :class:`_Wait` and
+    the same steps go on in a greenlet; steps already done are not redone.
+    """
+
+    __slots__ = ("worker", "sock", "peer", "cid", "label", "addr", "deadline", "reader",
+                 "watcher", "params", "admitted", "user", "dbname")
+
+    def __init__(self, worker: Worker, sock: socket.socket, peer: tuple[str, int],
+                 cid: int) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.peer = peer
+        self.cid = cid
+        self.label = "C-%d" % cid
+        self.addr = "%s:%d" % peer
+        self.deadline = _monotonic() + (worker.settings.client_login_timeout or 1e9)
+        self.reader = MessageReader(startup=True)
+        self.watcher = None
+        self.params: dict[str, str] | None = None
+        self.admitted = False  # holds one of the service's max_client_conn places
+        self.user = self.dbname = "?"
+        worker.logins += 1
+
+    def start(self) -> None:
+        """From the accept callback: read what is there, wait for more on a watcher."""
+        self.worker.handshakes[self] = self.deadline  # its janitor enforces the timeout
+        self.watcher = self.worker.loop.io(self.sock.fileno(), 1)
+        self.watcher.start(self._readable)
+        self._readable()
+
+    def _readable(self) -> None:
+        self._guarded(self._step, False)
+
+    def _step(self, can_wait: bool) -> bool:
+        """Advance as far as possible; True when the login is over (either way)."""
+        if self.params is None:
+            self.params = self._startup(can_wait)
+            if self.params is None:
+                return False  # more to read (the watcher calls again) or a cancel served
+        self._stop_watching()
+        self._finish(can_wait)
+        return True
+
+    def _guarded(self, step, can_wait: bool) -> None:
+        """Run ``step`` turning every failure into PgBouncer's answer; the one place where a
+        login ends badly."""
+        done = True
+        try:
+            done = step(can_wait)
+        except _Wait:
+            self._stop_watching()
+            gevent.spawn(self._guarded, self._step, True)
             return
-        user = params.pop("user", "")
+        except Refused as exc:
+            self._refuse(exc)
+        except LoginTimeout:
+            self._refuse(Refused("client_login_timeout"))
+        except ProtocolError as exc:
+            self._refuse(Refused("bad packet", log_text="bad packet: %s" % exc))
+        except ClientGone:
+            self._close()
+            if self.worker.settings.log_disconnections:
+                log.info("%s: %s/%s@%s closing because: client unexpected eof", self.label,
+                         self.dbname, self.user, self.addr)
+        except Exception:  # a bug costs this login, never the worker or the admission count
+            log.exception("%s: login failed", self.label)
+            self._refuse(Refused("internal error"))
+        if done:
+            self._over()
+
+    def timed_out(self) -> None:
+        """The janitor: no startup packet within client_login_timeout."""
+        self._refuse(Refused("client_login_timeout"))
+        self._over()
+
+    # -- the steps -----------------------------------------------------------------------
+
+    def _startup(self, can_wait: bool) -> dict[str, str] | None:
+        """Read until a StartupMessage; answer SSL/GSSENC with 'N'; serve a CancelRequest."""
+        sock, reader, worker = self.sock, self.reader, self.worker
+        while True:
+            if can_wait:
+                _, body = read_message(sock, reader, self.deadline)
+            else:
+                msg = _read_available(sock, reader)
+                if msg is None:
+                    return None
+                body = msg[1]
+            code, params = proto.parse_startup(body)
+            if code == proto.PROTOCOL_V3:
+                if reader.buf:
+                    raise ProtocolError("data after startup packet")
+                return params
+            if code in (proto.SSL_REQUEST_CODE, proto.GSSENC_REQUEST_CODE):
+                if reader.buf:
+                    raise Refused("received unencrypted data after SSL request")
+                send_all(sock, b"N", self.deadline)  # one byte into an empty buffer
+                continue
+            if code == proto.CANCEL_REQUEST_CODE:
+                worker.cancel(*params)
+                self._stop_watching()
+                self._close()
+                self._over()
+                return None
+            if code >> 16 < 3:
+                raise Refused("old V2 protocol not supported")
+            raise Refused("unsupported protocol version %d.%d" % (code >> 16, code & 0xFFFF))
+
+    def _finish(self, can_wait: bool) -> None:
+        worker, sock, params = self.worker, self.sock, self.params
+        s = worker.settings
+        user = self.user = params.get("user", "")
         if not user:
             raise Refused("no username supplied")
-        dbname = params.pop("database", "") or user
-        if s.log_connections:
-            log.info("%s: %s/%s@%s login attempt: db=%s user=%s tls=no", label, dbname,
-                     user, addr, dbname, user)
+        dbname = self.dbname = params.get("database", "") or user
         if dbname in ADMIN_DATABASES:
+            if not can_wait:
+                raise _Wait()
             from .admin import admin_login
 
-            admin_login(worker, sock, reader, deadline, user, dbname, cid, addr)
+            self._log_attempt()
+            admin_login(worker, sock, self.reader, self.deadline, user, dbname, self.cid,
+                        self.addr)
             return
-        admitted = _admit(worker)
-        if not admitted:
-            raise Refused("no more connections allowed (max_client_conn)")
+        if not self.admitted:
+            self.admitted = _admit(worker, can_wait)
+            if not self.admitted:
+                raise Refused("no more connections allowed (max_client_conn)")
+            self._log_attempt()
         if worker.draining:
             raise Refused("pooler is shutting down")
         db = worker.database(dbname)
@@ -144,12 +253,19 @@ def client_login(worker: Worker, sock: socket.socket, peer: tuple[str, int], cid
             raise Refused('database "%s" is disabled' % dbname)
         client_params = _client_params(worker, params)
         pool_user = db.user or user
-        keys, auth_ok = authenticate(worker, sock, reader, deadline, user, db)
+        if not can_wait and (s.auth_type not in ("trust", "any")
+                             or (db.name, pool_user) not in worker.pools):
+            raise _Wait()  # a password exchange, or a new pool's shared rows
+        keys, auth_ok = authenticate(worker, sock, self.reader, self.deadline, user, db)
         pool = worker.pool_for(db, pool_user)
         if keys is not None and pool.scram_keys is None:
             pool.scram_keys = keys
-        _wait_welcome(pool, deadline)
-        client = Client(worker, sock, pool, dict(pool.welcome_tracked), user, dbname, cid, peer)
+        if pool.welcome is None:
+            if not can_wait:
+                raise _Wait()
+            _wait_welcome(pool, self.deadline)
+        client = Client(worker, sock, pool, dict(pool.welcome_tracked), user, dbname, self.cid,
+                        self.peer)
         client.params.update(client_params)
         client.cancel_key = worker.new_cancel_key(client)
         # Everything the client waits for in one packet: AuthenticationOk, the server's
@@ -157,38 +273,68 @@ def client_login(worker: Worker, sock: socket.socket, peer: tuple[str, int], cid
         out = [auth_ok, pool.welcome_static]
         out += [proto.parameter_status(k, v) for k, v in client.params.items()]
         out += [proto.backend_key_data(*client.cancel_key), proto.READY_IDLE]
-        send_all(sock, b"".join(out), deadline)
         pool.stats.client_login_count += 1
         worker.client_ready(client)
-        admitted = False  # the client owns its place now; Client.disconnect gives it back
+        self.admitted = False  # the client owns its place now; Client.disconnect gives it back
         client.start()
-    except Refused as exc:
-        _refuse(worker, sock, exc, label, dbname, user)
-    except LoginTimeout:
-        _refuse(worker, sock, Refused("client_login_timeout"), label, dbname, user)
-    except ProtocolError as exc:
-        _refuse(worker, sock, Refused("bad packet", log_text="bad packet: %s" % exc), label,
-                dbname, user)
-    except ClientGone:
-        sock.close()
-        if s.log_disconnections:
-            log.info("%s: %s/%s@%s closing because: client unexpected eof", label, dbname,
-                     user, addr)
-    except Exception:  # a bug costs this login, never the worker or the admission count
-        log.exception("%s: login failed", label)
-        _refuse(worker, sock, Refused("internal error"), label, dbname, user)
-    finally:
-        worker.logins -= 1
-        if admitted:
-            worker.limits.client_closed()
+        client.write(b"".join(out))  # a fresh socket takes it; else the backlog does
+
+    # -- endings -------------------------------------------------------------------------
+
+    def _log_attempt(self) -> None:
+        if self.worker.settings.log_connections:
+            log.info("%s: %s/%s@%s login attempt: db=%s user=%s tls=no", self.label,
+                     self.dbname, self.user, self.addr, self.dbname, self.user)
+
+    def _stop_watching(self) -> None:
+        self.worker.handshakes.pop(self, None)
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.close()
+            self.watcher = None
+
+    def _refuse(self, exc: Refused) -> None:
+        self._stop_watching()
+        _refuse(self.worker, self.sock, exc, self.label, self.dbname, self.user)
+
+    def _close(self) -> None:
+        self.sock.close()
+
+    def _over(self) -> None:
+        self._stop_watching()
+        if self.worker is None:
+            return  # already over
+        self.worker.logins -= 1
+        if self.admitted:
+            self.worker.limits.client_closed()
+        self.worker = None
 
 
-def _admit(worker: Worker) -> bool:
+def _read_available(sock: socket.socket, reader: MessageReader) -> tuple[int, bytes] | None:
+    """The next complete packet from what the socket has now; None if it has not."""
+    msg = reader.next()
+    if msg is not None:
+        return msg
+    try:
+        data = sock.recv(16384)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        raise ClientGone(exc.strerror) from exc
+    if not data:
+        raise ClientGone("unexpected eof")
+    reader.feed(data)
+    return reader.next()
+
+
+def _admit(worker: Worker, can_wait: bool) -> bool:
     """max_client_conn across all workers; waits (cooperatively) for a busy admission lock."""
     while True:
         admitted = worker.limits.admit_client()
         if admitted is not None:
             return admitted
+        if not can_wait:
+            raise _Wait()
         gevent.sleep(0.0002)
 
 
@@ -203,35 +349,14 @@ def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str, dbnam
         log.warning("%s: %s/%s pooler error: %s", label, dbname, user, exc.log_text)
 
 
-def _startup(worker: Worker, sock: socket.socket, reader: MessageReader,
-             deadline: float) -> dict[str, str] | None:
-    """Read until a StartupMessage; answer SSL/GSSENC with 'N'; serve a CancelRequest."""
-    while True:
-        _, body = read_message(sock, reader, deadline)
-        code, params = proto.parse_startup(body)
-        if code == proto.PROTOCOL_V3:
-            if reader.buf:
-                raise ProtocolError("data after startup packet")
-            return params
-        if code in (proto.SSL_REQUEST_CODE, proto.GSSENC_REQUEST_CODE):
-            if reader.buf:
-                raise Refused("received unencrypted data after SSL request")
-            send_all(sock, b"N", deadline)
-            continue
-        if code == proto.CANCEL_REQUEST_CODE:
-            worker.cancel(*params)
-            return None
-        if code >> 16 < 3:
-            raise Refused("old V2 protocol not supported")
-        raise Refused("unsupported protocol version %d.%d" % (code >> 16, code & 0xFFFF))
-
-
 def _client_params(worker: Worker, params: dict[str, str]) -> dict[str, str]:
     """The tracked values a client asked for; other startup parameters are refused."""
     tracked = worker.tracked
     ignored = {p.lower() for p in worker.settings.ignore_startup_parameters}
     out: dict[str, str] = {}
     for key, value in params.items():
+        if key in ("user", "database"):
+            continue
         name = tracked.canonical(key)
         if name is not None:
             out[name] = value

@@ -10,6 +10,7 @@ byte, then the body. The startup phase has no type byte (length + body).
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Iterable, Iterator
 
@@ -215,7 +216,9 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
     return message(b"p", _cstr(mechanism) + INT32.pack(len(data)) + data)
 
 
+@functools.lru_cache(maxsize=4096)
 def parameter_status(name: str, value: str) -> bytes:
+    """Cached: every login replays the same few server parameters."""
     return message(b"S", _cstr(name) + _cstr(value))
 
 

@@ -31,7 +31,7 @@ from prefork.config import Config
 
 from .exchange import Exchange
 from .limits import Limits
-from .login import client_login, forward_cancel
+from .login import Login, forward_cancel
 from .pool import Pool
 from .relay import Client
 from .varcache import Tracked
@@ -43,7 +43,6 @@ log = logging.getLogger("pgherd")
 _monotonic = time.monotonic
 
 HOUSEKEEPING_PERIOD = 0.25  # janitor + heartbeat, seconds
-ACCEPT_BATCH = 32  # connections accepted per wakeup, so one burst cannot starve the relay
 PR_SET_PDEATHSIG = 1
 CLOSE_WAIT = 10  # seconds a closed server stays counted at most, waiting for its backend
 
@@ -63,6 +62,7 @@ class Worker:
         self.cancel_keys: dict[tuple[int, int], Client] = {}
         self.auto_databases: dict[str, Database] = {}
         self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
+        self.handshakes: dict = {}  # Login -> its deadline, while no greenlet enforces it
         # SHOW STATS averages: per database, the last stats_period (every worker computes
         # the same from shared memory at the same wall-clock boundaries).
         self.averages: dict[str, list[float]] = {}
@@ -310,26 +310,26 @@ class Worker:
         self.publish(shm.READY)
 
     def _accept(self, lsock: socket.socket) -> None:
-        unix = lsock.family == socket.AF_UNIX
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept() failed: %s; pausing for a second", exc.strerror)
-                    self._pause_accepting(1.0)
-                return
-            sock.setblocking(False)
-            if unix:
-                peer = ("unix", self.settings.listen_port)
-            else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.settings.tcp_keepalive:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                peer = (addr[0], addr[1])
-            gevent.spawn(client_login, self, sock, peer, self.next_id())
+        """One connection per wakeup: the listener stays readable while more wait, and not
+        trying again saves a failed accept() per connection (and keeps bursts fair)."""
+        try:
+            sock, addr = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another worker took it (the Unix socket is shared)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("accept() failed: %s; pausing for a second", exc.strerror)
+                self._pause_accepting(1.0)
+            return
+        sock.setblocking(False)
+        if lsock.family == socket.AF_UNIX:
+            peer = ("unix", self.settings.listen_port)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.settings.tcp_keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            peer = (addr[0], addr[1])
+        Login(self, sock, peer, self.next_id()).start()
 
     def _pause_accepting(self, seconds: float) -> None:
         for watcher in self._accepting:
@@ -348,6 +348,9 @@ class Worker:
         try:
             for pool in list(self.pools.values()):
                 pool.janitor(now)
+            for login, deadline in list(self.handshakes.items()):
+                if now > deadline:
+                    login.timed_out()
             for server, since in list(self.closing.items()):
                 if now - since > CLOSE_WAIT:
                     log.warning("S-%d: backend did not end within %ds of Terminate; "

@@ -132,6 +132,19 @@ def test_ssl_request_answered_n_then_login(h):
         assert wire.data_rows(c.simple("SELECT 'plain'")) == [["plain"]]
 
 
+def test_silent_client_after_ssl_request_hits_client_login_timeout(pgherd):
+    """An SSLRequest answered, then nothing: the login ends at client_login_timeout with
+    PgBouncer's error, and the worker carries on."""
+    h = pgherd(settings={**SETTINGS, "client_login_timeout": 1}, workers=1)
+    b = Bystander(h)
+    with wire.RawClient(h.host, h.port, timeout=10) as c:
+        c.send(wire.untyped(wire.SSL_REQUEST))
+        assert c.read_byte() == b"N"
+        errors = refused(c)
+    assert [e["M"] for e in errors] == ["client_login_timeout"]
+    b.check()
+
+
 def test_bogus_cancel_request(h):
     b = Bystander(h)
     with wire.RawClient(h.host, h.port, timeout=5) as c:
