@@ -95,6 +95,8 @@ CELL_FIELDS = (
 ) + STAT_FIELDS
 CELL_SIZE = 8 * len(CELL_FIELDS)
 _CELL_WORDS = len(CELL_FIELDS)
+_CL_WAITING = CELL_FIELDS.index("cl_waiting")
+_WAITING_SINCE = CELL_FIELDS.index("waiting_since_ns")
 _CELL_OFFSET = {name: i * 8 for i, name in enumerate(CELL_FIELDS)}
 
 KEY_SIZE = 160
@@ -368,8 +370,12 @@ class Segment:
     # -- waiting flags: who has clients waiting for a pool, and since when -------------
 
     def set_waiting(self, row: int, slot: int, count: int, since_ns: int) -> None:
-        self.cell_set(row, slot, cl_waiting=count, waiting_since_ns=since_ns)
-        self.mm[self._row_base(row) + FLAGS_OFFSET + slot] = 1 if count else 0
+        """Publish a worker's waiting clients of a pool (called at every queue change)."""
+        base = self._row_base(row)
+        cell = (base + CELLS_OFFSET + slot * CELL_SIZE) >> 3
+        self.q[cell + _CL_WAITING] = count
+        self.q[cell + _WAITING_SINCE] = since_ns
+        self.mm[base + FLAGS_OFFSET + slot] = 1 if count else 0
 
     def oldest_waiter_elsewhere(self, row: int, slot: int) -> tuple[int, int] | None:
         """(slot, waiting_since_ns) of the longest-waiting other worker, or None.

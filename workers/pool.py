@@ -35,14 +35,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgherd")
 _monotonic = time.monotonic
 
-#: A server goes to another worker's waiter even though clients wait here too only when that
-#: waiter has waited this much longer: strict cross-worker FIFO would pass servers back and
-#: forth at every release under load, for no measurable gain in fairness.
-FAIRNESS_SLACK = 0.002
+#: See Pool._should_move: a hand-over costs far more than a short transaction, so servers
+#: follow each worker's share of the clients; waits growing this far apart move one anyway.
+FAIRNESS_FACTOR = 2.0
+FAIRNESS_SLACK = 0.020
+#: Asked for idle servers, a worker gives those idle at least this long (see offer_idle).
+IDLE_OFFER_AFTER = 0.002
 #: After a limit refused a new server, requests queue without asking again for this long:
 #: under saturation every queued request would otherwise take the admission lock.
 FULL_BACKOFF = 0.001
-WAIT_PUBLISH = 0.001  # see Pool.waiting_changed
 
 
 class PoolStats:
@@ -82,8 +83,6 @@ class Pool:
         self.full_until = 0.0  # a limit refused a new server until then: do not ask again
         self.size = self.reserve = 0
         self.check_surplus = False
-        self._published_waiting = False
-        self._published_at = 0.0
         self.apply_config()
 
     def apply_config(self) -> None:
@@ -226,14 +225,11 @@ class Pool:
         self.give(server)
 
     def give(self, server: Server) -> None:
-        """A free server: to the client that waited longest, here or elsewhere, else idle."""
+        """A free server: to a client waiting here, or to another worker's client that has
+        waited much longer, else idle (see FAIRNESS_FACTOR)."""
         waiting = self.waiting
         remote = self.worker.segment.oldest_waiter_elsewhere(self.rows[0], self.worker.slot)
-        # With nobody waiting here, compare with a client arriving now: the client that just
-        # finished usually sends its next query a round trip later, and the server should not
-        # travel for a remote client that has only just started to wait either.
-        local_since = waiting[0].wait_started if waiting else _monotonic()
-        if remote is not None and remote[1] < (local_since - FAIRNESS_SLACK) * 1e9:
+        if remote is not None and self._should_move(remote, waiting):
             if self.worker.exchange.hand_over(server, remote[0]):
                 return
         if waiting:
@@ -245,20 +241,34 @@ class Pool:
         server.state = "idle"
         self.idle.append(server)
 
-    def waiting_changed(self, force: bool = False) -> None:
-        """Publish how many clients wait here and since when, for the other workers.
+    def _should_move(self, remote: tuple[int, int], waiting) -> bool:
+        """Does a freed server belong with the other worker whose client waits longest?
 
-        At once when the queue empties or stops being empty (that is what other workers act
-        on); otherwise at most every WAIT_PUBLISH seconds: a saturated pool changes its
-        queue at every transaction, and the age of the oldest waiter may lag that much.
+        Servers follow demand: each worker's share of the pool is proportional to its
+        clients (published a few times a second), and a server moves only from a worker
+        above its share to one below it. Waits then stay alike without servers changing
+        hands at every release. As a safety valve against stale shares, a client that has
+        waited FAIRNESS_FACTOR times as long as the oldest here plus FAIRNESS_SLACK gets it.
         """
-        waiting = self.waiting
         now = _monotonic()
-        if (not force and bool(waiting) == self._published_waiting
-                and now - self._published_at < WAIT_PUBLISH):
-            return
-        self._published_waiting = bool(waiting)
-        self._published_at = now
+        local_wait = now - waiting[0].wait_started if waiting else 0.0
+        if now - remote[1] / 1e9 > FAIRNESS_FACTOR * local_wait + FAIRNESS_SLACK:
+            return True
+        seg, row, me = self.worker.segment, self.rows[0], self.worker.slot
+        demand = [seg.cell_get(row, slot, "clients") for slot in range(self.worker.settings.workers)]
+        total = sum(demand)
+        if not total or me >= len(demand) or remote[0] >= len(demand):
+            return False
+        size = self.size or seg.servers_total(row)
+        mine = size * demand[me] / total
+        theirs = size * demand[remote[0]] / total
+        return (len(self.servers) - 1 >= mine - 0.5
+                and seg.cell_get(row, remote[0], "servers") + 1 <= theirs + 0.5)
+
+    def waiting_changed(self) -> None:
+        """Publish how many clients wait here and since when, for the other workers: at
+        every change, since other workers decide by it whom a free server goes to."""
+        waiting = self.waiting
         since = int(waiting[0].wait_started * 1e9) if waiting else 0
         self.worker.segment.set_waiting(self.rows[0], self.worker.slot, len(waiting), since)
 
@@ -417,15 +427,27 @@ class Pool:
                                        if k not in self.welcome_tracked)
 
     def adopt(self, server: Server) -> None:
-        """A server handed over by another worker (already in ``servers``) goes to work."""
-        if not self._retire(server, _monotonic()):
-            self.give(server)
+        """A server handed over by another worker (already in ``servers``) goes to work
+        here: to the longest-waiting client of this worker, else idle. It is not passed on
+        again at once: with every worker's queue moving, that would bounce it around."""
+        if self._retire(server, _monotonic()):
+            return
+        if self.waiting:
+            client = self.waiting.popleft()
+            self.waiting_changed()
+            if self._link(client, server):
+                client.resume()
+            return
+        server.state = "idle"
+        self.idle.append(server)
 
     def offer_idle(self) -> None:
-        """Another worker asked: hand over idle servers this worker has no client for."""
+        """Another worker asked: hand over servers that sit idle here — idle for a while,
+        not just between two transactions of a busy pool — as many as its clients wait."""
         seg = self.worker.segment
         budget: dict[int, int] = {}
-        while self.idle and not self.waiting:
+        settled = _monotonic() - IDLE_OFFER_AFTER
+        while self.idle and not self.waiting and self.idle[0].last_used < settled:
             remote = seg.oldest_waiter_elsewhere(self.rows[0], self.worker.slot)
             if remote is None:
                 return
@@ -434,11 +456,11 @@ class Pool:
                 budget[slot] = seg.cell_get(self.rows[0], slot, "cl_waiting")
             if budget[slot] <= 0:
                 return
-            server = self._take_idle()
-            if server is None:
-                return
+            server = self.idle.popleft()  # the one idle longest
+            if self._retire(server, _monotonic()):
+                continue
             if not self.worker.exchange.hand_over(server, slot):
-                self.idle.append(server)
+                self.idle.appendleft(server)
                 return
             budget[slot] -= 1
 
@@ -491,7 +513,6 @@ class Pool:
         # Publishing at every release would cost the hot path; a few times a second is enough
         # for SHOW POOLS and metrics (and an admin command asks for a fresh publish anyway).
         self.publish()
-        self.waiting_changed(force=True)
         if s.server_idle_timeout:
             for server in [srv for srv in self.idle if now - srv.last_used > s.server_idle_timeout]:
                 if len(self.servers) <= self.min_size:
