@@ -292,7 +292,8 @@ _TABLE: list[Setting] = [
         _s("cancel_wait_timeout", "time", 10.0, "drop a cancel request not forwarded within this"),
         _s("idle_transaction_timeout", "time", 0.0, "close a session idle in transaction longer than this",
            supported=True),
-        _s("transaction_timeout", "time", 0.0, "close a transaction open longer than this"),
+        _s("transaction_timeout", "time", 0.0, "close a transaction open longer than this",
+           supported=True),
         _s("suspend_timeout", "time", 10.0, "limit for flushing buffers during SUSPEND"),
     ),
     *_group(
@@ -415,7 +416,7 @@ USER_PARAMS: dict[str, Setting] = {
         _p("idle_transaction_timeout", "time", "overrides idle_transaction_timeout"),
         _p("client_idle_timeout", "time", "overrides client_idle_timeout"),
         _p("max_user_client_connections", "int", "overrides max_user_client_connections", supported=False),
-        _p("transaction_timeout", "time", "overrides transaction_timeout", supported=False),
+        _p("transaction_timeout", "time", "overrides transaction_timeout"),
     )
 }
 

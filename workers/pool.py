@@ -24,7 +24,7 @@ from ipc import shm
 
 from . import prepared, proto
 
-from .relay import SESSION, Client, Server
+from .relay import SESSION, STATUS_IDLE, Client, Server
 from .varcache import server_set_query
 
 if TYPE_CHECKING:
@@ -107,10 +107,11 @@ class Pool:
         self.reserve = reserve
         self.min_size = db.min_pool_size if db.min_pool_size is not None else s.min_pool_size
         self.lifetime = db.server_lifetime if db.server_lifetime is not None else s.server_lifetime
-        qwt = getattr(u, "query_wait_timeout", None) if u else None
-        if qwt is None:
-            qwt = db.query_wait_timeout
-        self.query_wait_timeout = qwt if qwt is not None else s.query_wait_timeout
+        self.query_wait_timeout = pick("query_wait_timeout", s.query_wait_timeout)
+        self.query_timeout = pick("query_timeout", s.query_timeout)
+        self.idle_transaction_timeout = pick("idle_transaction_timeout", s.idle_transaction_timeout)
+        self.transaction_timeout = pick("transaction_timeout", s.transaction_timeout)
+        self.client_idle_timeout = pick("client_idle_timeout", s.client_idle_timeout)
 
     # -------------------------------------------------------------------- hand-outs
 
@@ -205,6 +206,7 @@ class Pool:
         client = server.client
         if client is not None:
             client.server = None
+            client.idle_since = now
             server.client = None
         server.last_used = now
         if self._retire(server, now):
@@ -510,6 +512,7 @@ class Pool:
         qwt = self.query_wait_timeout
         while qwt and self.waiting and now - self.waiting[0].wait_started > qwt:
             self.waiting[0].disconnect("query_wait_timeout", error="query_wait_timeout")
+        self._session_timeouts(now)
         # Publishing at every release would cost the hot path; a few times a second is enough
         # for SHOW POOLS and metrics (and an admin command asks for a fresh publish anyway).
         self.publish()
@@ -524,6 +527,43 @@ class Pool:
         if self.waiting or (self.min_size and self.worker.segment.servers_total(self.rows[0])
                                 + self.connecting < self.min_size):
             self.grow()
+
+    def _session_timeouts(self, now: float) -> None:
+        """query_timeout, idle_transaction_timeout, transaction_timeout, client_idle_timeout.
+
+        Like PgBouncer, a timed-out server is closed and its client gets the reason as an error
+        and is disconnected. Unlike PgBouncer, a query still running is cancelled first: a
+        backend does not read our Terminate until its query ends, and the server stays counted
+        against the limits until then.
+        """
+        qt, it = self.query_timeout, self.idle_transaction_timeout
+        tt, ct = self.transaction_timeout, self.client_idle_timeout
+        if not (qt or it or tt or ct):
+            return
+        if qt:
+            # A request still waiting for a server counts too: it is the client's query time.
+            for client in [c for c in self.waiting if now - c.request_time > qt]:
+                client.disconnect("query_timeout", error="query_timeout")
+        for server in [srv for srv in self.servers if srv.client is not None]:
+            running = server.expect > 0
+            if running and qt and now - server.query_start > qt:
+                reason = "query timeout"
+            elif (not running and it and server.bs.status != STATUS_IDLE
+                  and now - server.query_start > it):
+                reason = "idle transaction timeout"
+            elif tt and server.xact_start and now - server.xact_start > tt:
+                reason = "transaction timeout"
+            else:
+                continue
+            if running:
+                self.worker.cancel_server(server)
+            server.close(reason)
+        if ct:
+            # Only clients without a server: one linked is in a transaction or a session that
+            # the other timeouts govern (as in PgBouncer).
+            for client in [c for c in self.clients if c.server is None and c.state == "active"
+                           and c.pending is None and now - c.idle_since > ct]:
+                client.disconnect("client_idle_timeout", error="client_idle_timeout")
 
     def publish(self) -> None:
         """Write this worker's share of the pool (states and stats) to its shared cell."""

@@ -139,7 +139,7 @@ class Client(Conn):
 
     __slots__ = ("pool", "server", "fs", "params", "params_key", "cancel_key", "user", "dbname",
                  "state", "pending", "pending_syncs", "request_time", "wait_started",
-                 "login_time", "mode", "ps_mode", "statements", "ps_partial", "held")
+                 "idle_since", "login_time", "mode", "ps_mode", "statements", "ps_partial", "held")
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
                  params: dict[str, str], user: str, dbname: str, cid: int,
@@ -167,6 +167,7 @@ class Client(Conn):
         self.request_time = 0.0
         self.wait_started = 0.0
         self.login_time = _monotonic()
+        self.idle_since = self.login_time  # since its last server was released
 
     def start(self) -> None:
         """Login is done: from now on the event loop drives this client."""

@@ -33,7 +33,7 @@ from .exchange import Exchange
 from .limits import Limits
 from .login import Login, forward_cancel
 from .pool import Pool
-from .relay import Client
+from .relay import Client, Server
 from .varcache import Tracked
 
 if TYPE_CHECKING:
@@ -292,6 +292,10 @@ class Worker:
             # PgBouncer: never cancel whatever a reused server may be running by now.
             log.info("%s cancel request for idle client, ignored", client.label())
             return
+        self.cancel_server(server)
+
+    def cancel_server(self, server: Server) -> None:
+        """Cancel what ``server``'s backend runs now (in the background; never fails)."""
         gevent.spawn(forward_cancel, self, server)
 
     # ------------------------------------------------------------------ accepting

@@ -91,7 +91,7 @@ server_check_query server_reset_query server_reset_query_always client_login_tim
 client_idle_timeout query_timeout query_wait_timeout idle_transaction_timeout tcp_keepalive
 pkt_buf max_packet_size stats_period conffile workers shutdown_timeout heartbeat_timeout
 max_worker_memory http_listen_addr http_listen_port log_stats syslog syslog_ident syslog_facility
-max_prepared_statements tcp_defer_accept
+max_prepared_statements tcp_defer_accept transaction_timeout
 """.split()
 
 RESTART = """
@@ -439,9 +439,7 @@ app = pool_mode=transaction pool_size=3 max_user_connections=10 query_timeout=2 
     )
     other = cfg.users["me@example.com"]
     assert other.query_wait_timeout is None and other.transaction_timeout == 5.0
-    assert [(p.key, p.message) for p in cfg.warnings] == [
-        ("me@example.com", "transaction_timeout: not supported yet, ignored")
-    ]
+    assert not cfg.warnings
 
 
 def test_bad_user_entry(write) -> None:
