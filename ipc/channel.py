@@ -15,10 +15,13 @@ the caller decides how to retry (workers retry in a greenlet; the master on its 
 from __future__ import annotations
 
 import array
+import logging
 import socket
 from typing import Union
 
 import msgspec
+
+log = logging.getLogger("pgherd")
 
 MAX_DATAGRAM = 256 * 1024
 MAX_FDS = 4
@@ -217,22 +220,26 @@ class Inboxes:
         return True
 
     def receive(self, index: int) -> tuple[Message, list[int]] | None:
-        """The next message of inbox ``index`` and the fds that came with it, or None."""
-        try:
-            data, ancdata, flags, _ = self.rx[index].recvmsg(
-                MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
-        except (BlockingIOError, InterruptedError):
-            return None
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        try:
-            message = _decoder.decode(data)
-        except msgspec.DecodeError:
-            for fd in fds:
-                socket.close(fd)
-            raise
-        return message, fds
+        """The next message of inbox ``index`` and the fds that came with it, or None.
+
+        A datagram that does not decode (a bug, never the normal case) is logged and dropped
+        with its fds, so that no reader of an inbox can be stopped by one.
+        """
+        while True:
+            try:
+                data, ancdata, flags, _ = self.rx[index].recvmsg(
+                    MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
+            except (BlockingIOError, InterruptedError):
+                return None
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+            try:
+                return _decoder.decode(data), fds
+            except msgspec.DecodeError as exc:
+                log.error("undecodable control message dropped: %s", exc)
+                for fd in fds:
+                    socket.close(fd)

@@ -289,11 +289,7 @@ class Master:
 
     def _read_mail(self) -> None:
         while True:
-            try:
-                got = self.inboxes.receive(self.inboxes.master)
-            except msgspec.DecodeError as exc:
-                log.error("undecodable control message dropped: %s", exc)
-                continue
+            got = self.inboxes.receive(self.inboxes.master)
             if got is None:
                 return
             message, fds = got
@@ -542,10 +538,7 @@ class Master:
         (a client or server handed to it as it drained): pass them to a live worker."""
         live = [s.index for s in self.slots if s.pid and s.index < self.config.settings.workers]
         for turn in itertools.count():
-            try:
-                got = self.inboxes.receive(index)
-            except msgspec.DecodeError:
-                continue
+            got = self.inboxes.receive(index)
             if got is None:
                 return
             message, fds = got

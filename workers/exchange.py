@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Callable
 
 import gevent
 import gevent.event
-import msgspec
 
 from ipc import channel
 
@@ -84,11 +83,7 @@ class Exchange:
 
     def _on_mail(self) -> None:
         for _ in range(64):
-            try:
-                got = self.inboxes.receive(self.slot)
-            except msgspec.DecodeError as exc:
-                log.error("undecodable control message dropped: %s", exc)
-                continue
+            got = self.inboxes.receive(self.slot)
             if got is None:
                 return
             message, fds = got
