@@ -234,8 +234,12 @@ class Pool:
         if remote is not None and self._should_move(remote, waiting):
             if self.worker.exchange.hand_over(server, remote[0]):
                 return
-        if waiting:
-            client = waiting.popleft()
+        self._serve_here(server)
+
+    def _serve_here(self, server: Server) -> None:
+        """To the longest-waiting client of this worker, else idle."""
+        if self.waiting:
+            client = self.waiting.popleft()
             self.waiting_changed()
             if self._link(client, server):
                 client.resume()
@@ -432,16 +436,8 @@ class Pool:
         """A server handed over by another worker (already in ``servers``) goes to work
         here: to the longest-waiting client of this worker, else idle. It is not passed on
         again at once: with every worker's queue moving, that would bounce it around."""
-        if self._retire(server, _monotonic()):
-            return
-        if self.waiting:
-            client = self.waiting.popleft()
-            self.waiting_changed()
-            if self._link(client, server):
-                client.resume()
-            return
-        server.state = "idle"
-        self.idle.append(server)
+        if not self._retire(server, _monotonic()):
+            self._serve_here(server)
 
     def offer_idle(self) -> None:
         """Another worker asked: hand over servers that sit idle here — idle for a while,
