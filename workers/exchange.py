@@ -176,15 +176,20 @@ class Exchange:
         receive_client(self.worker, m, fds)
 
     def want(self, pool: Pool) -> None:
-        """Ask workers holding servers of ``pool`` to hand idle ones over (rate-limited)."""
+        """Ask workers holding servers of ``pool`` to hand idle ones over (rate-limited).
+
+        Not those with clients of their own waiting: they have no idle server to offer, and
+        under saturation every worker would otherwise mail every other one all the time.
+        """
         now = _monotonic()
         if now < self._want_next.get(pool, 0.0):
             return
         self._want_next[pool] = now + WANT_INTERVAL
-        seg = self.worker.segment
+        seg, row = self.worker.segment, pool.rows[0]
         message = channel.Want(pool.dbname, pool.user, self.slot)
         for slot in range(self.worker.settings.workers):
-            if slot != self.slot and seg.cell_get(pool.rows[0], slot, "servers"):
+            if (slot != self.slot and seg.cell_get(row, slot, "servers")
+                    and not seg.cell_get(row, slot, "cl_waiting")):
                 self.inboxes.send(slot, message)  # best effort: releases check the flags
 
     def _on_want(self, m: channel.Want, fds: list[int]) -> None:

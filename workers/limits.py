@@ -62,10 +62,14 @@ class Limits:
         Returns True (admitted and counted), False (a limit refuses), None (lock busy).
         """
         seg = self.segment
+        prow, drow, urow = pool.rows
+        # Full is the common answer under saturation, and no lock is needed to see it: only
+        # an admission (under the lock) raises the count.
+        if pool_limit and seg.servers_total(prow) >= pool_limit:
+            return False
         if not seg.try_lock():
             return None
         try:
-            prow, drow, urow = pool.rows
             if pool_limit and seg.servers_total(prow) >= pool_limit:
                 return False
             db_max, user_max = self._db_user_max(pool)

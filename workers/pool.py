@@ -81,6 +81,7 @@ class Pool:
         self.stats = PoolStats()
         self._grow_pending = False
         self.full_until = 0.0  # a limit refused a new server until then: do not ask again
+        self.shares: list[float] = []  # servers each worker should hold (_refresh_shares)
         self.size = self.reserve = 0
         self.check_surplus = False
         self.apply_config()
@@ -260,16 +261,22 @@ class Pool:
         local_wait = now - waiting[0].wait_started if waiting else 0.0
         if now - remote[1] / 1e9 > FAIRNESS_FACTOR * local_wait + FAIRNESS_SLACK:
             return True
-        seg, row, me = self.worker.segment, self.rows[0], self.worker.slot
+        shares, me, slot = self.shares, self.worker.slot, remote[0]
+        if me >= len(shares) or slot >= len(shares):
+            return False
+        return (len(self.servers) - 1 >= shares[me] - 0.5 and
+                self.worker.segment.cell_get(self.rows[0], slot, "servers") + 1 <= shares[slot] + 0.5)
+
+    def _refresh_shares(self) -> None:
+        """Each worker's share of this pool's servers, proportional to the clients every
+        worker published. Those counts change only when their workers publish, so the
+        shares are worked out here, not at every release of a server (under saturation
+        that is every transaction end, and working them out there cost ~2 µs each)."""
+        seg, row = self.worker.segment, self.rows[0]
         demand = [seg.cell_get(row, slot, "clients") for slot in range(self.worker.settings.workers)]
         total = sum(demand)
-        if not total or me >= len(demand) or remote[0] >= len(demand):
-            return False
         size = self.size or seg.servers_total(row)
-        mine = size * demand[me] / total
-        theirs = size * demand[remote[0]] / total
-        return (len(self.servers) - 1 >= mine - 0.5
-                and seg.cell_get(row, remote[0], "servers") + 1 <= theirs + 0.5)
+        self.shares = [size * d / total for d in demand] if total else []
 
     def waiting_changed(self) -> None:
         """Publish how many clients wait here and since when, for the other workers: at
@@ -572,6 +579,7 @@ class Pool:
             sv_login=self.connecting, cl_active=len(self.clients) - len(self.waiting),
             clients=len(self.clients),
             **{name: getattr(st, name) for name in PoolStats.__slots__})
+        self._refresh_shares()
 
     def cached_login_error(self) -> str | None:
         """PgBouncer's fast-fail text while server_login_retry runs after a failed login."""
