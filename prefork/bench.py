@@ -826,7 +826,8 @@ class PoolerTarget(Target):
 
     def _leftovers(self) -> list[psutil.Process]:
         """Live processes of the pooler: every one seen in its tree, plus anything still in
-        its process group (a worker orphaned before we saw it)."""
+        its process group (a pooler under runuser orphaned before we saw it; pgherd's workers
+        have sessions of their own but die with their master, PR_SET_PDEATHSIG)."""
         candidates = dict(self._seen)
         if self.proc is not None:
             for proc in psutil.process_iter():
@@ -841,8 +842,8 @@ class PoolerTarget(Target):
         return alive
 
     def _kill_all(self) -> None:
-        """SIGKILL the whole tree: its process group (we started it as a session leader, so
-        this reaches workers forked after we last looked) and every process ever seen."""
+        """SIGKILL the whole tree: its process group (we started it as a session leader)
+        and every process ever seen; pgherd's workers die with their master."""
         self._remember()
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):

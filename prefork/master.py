@@ -427,6 +427,12 @@ class Master:
         code = 70
         try:
             signal.set_wakeup_fd(-1)
+            # A session of its own, as every PostgreSQL backend has: with scheduler
+            # autogroups (on in Debian's kernels) CPU is shared out per session first, so all
+            # workers in the master's session would together get what one backend gets. A
+            # terminal's Ctrl-C still reaches the master, which relays signals to workers,
+            # and PR_SET_PDEATHSIG (workers/worker.py) ties each worker's life to the master.
+            os.setsid()
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             os.close(self._wake_r)

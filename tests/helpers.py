@@ -20,6 +20,7 @@ condition against a deadline (`wait_for`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -507,6 +508,28 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _socket_links(pid: int) -> set[str]:
+    """``socket:[inode]`` of every socket ``pid`` holds (empty if it is gone)."""
+    links = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:"):
+                    links.add(link)
+    except OSError:
+        pass
+    return links
+
+
+def _pids_holding(links: set[str]) -> list[int]:
+    """Other processes holding any of these sockets."""
+    if not links:
+        return []
+    me = os.getpid()
+    return [pid for pid in psutil.pids() if pid != me and _socket_links(pid) & links]
+
+
 class Pgherd:
     """One pgherd service under test. Usually made by the ``pgherd`` fixture.
 
@@ -576,6 +599,7 @@ class Pgherd:
         self.command = command or self.default_command(self.ini_path)
         self.proc: subprocess.Popen | None = None
         self._known: dict[int, psutil.Process] = {}
+        self._sockets: set[str] = set()  # the master's listeners and inboxes (orphan check)
         self._datagrams: list[str] = []
         self._cond = threading.Condition()
         self._stop_reader = threading.Event()
@@ -825,9 +849,10 @@ class Pgherd:
 
     def _snapshot(self) -> None:
         """Remember every descendant of the master (pid + create time, so pid reuse
-        cannot fool the orphan check)."""
+        cannot fool the orphan check), and the sockets every worker inherits from it."""
         if self.proc is None:
             return
+        self._sockets |= _socket_links(self.proc.pid)
         try:
             for c in psutil.Process(self.proc.pid).children(recursive=True):
                 self._remember(c.pid)
@@ -836,19 +861,17 @@ class Pgherd:
 
     def session_processes(self) -> list[psutil.Process]:
         """Live processes that belong to this service: every descendant ever seen, plus
-        anything still in its process group (the master is a session leader)."""
+        anything holding the master's sockets (a worker forked after we last looked; workers
+        run in sessions of their own, so the process group does not find them)."""
         if self.proc is None:
             return []
         self._snapshot()
         found = {pid: p for pid, p in self._known.items() if _alive(p)}
-        for p in psutil.process_iter():
-            if p.pid in found:
-                continue
-            try:
-                if os.getpgid(p.pid) == self.proc.pid and _alive(p):
-                    found[p.pid] = p
-            except (OSError, psutil.Error):
-                continue
+        for pid in _pids_holding(self._sockets):
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if pid not in found and _alive(p):
+                    found[pid] = p
         return list(found.values())
 
     def _kill_all(self, sig: int) -> None:

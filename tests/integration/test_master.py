@@ -60,6 +60,29 @@ def test_process_titles(pgherd):
     assert sorted(worker_index(p) for p in pids) == [0, 1, 2]
 
 
+def test_each_worker_leads_its_own_session(pgherd):
+    """Scheduler autogroups share CPU per session: each worker gets its own share."""
+    h = pgherd(workers=2)
+    for pid in h.worker_pids():
+        assert os.getsid(pid) == pid
+
+
+def test_workers_die_with_a_killed_master(pgherd):
+    """In sessions of their own, workers still never outlive the master."""
+    h = pgherd(workers=2)
+    workers = h.worker_pids()
+    os.kill(h.pid, signal.SIGKILL)
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(lambda: all(gone(p) for p in workers), timeout=10,
+             message="workers to die with the master")
+
+
 def test_kill9_worker_is_respawned(pgherd):
     h = pgherd(settings={"pool_mode": "session"}, workers=2)
     pids = h.worker_pids()
