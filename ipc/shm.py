@@ -129,6 +129,11 @@ class RowSnapshot(msgspec.Struct, frozen=True):
     totals: dict[str, int]
     max_wait_ns: int  # oldest waiting_since_ns over workers, 0 when nobody waits
 
+    def wait_ns(self, now_ns: int) -> int:
+        """How long the oldest client has waited (never negative: a reader's clock sample
+        may predate a wait that began while it read)."""
+        return max(0, now_ns - self.max_wait_ns) if self.max_wait_ns else 0
+
 
 class TableFull(Exception):
     pass
@@ -433,6 +438,18 @@ class Segment:
         self.q[(self._row_base(row) + _GHOST_OFFSET["ghost_servers"]) >> 3] -= servers
 
     # -- readers for the admin console and metrics -------------------------------------
+
+    def handovers(self, slot: int) -> tuple[int, int]:
+        """(sent, received): servers a worker slot handed to / took from other workers, over
+        its pool rows (database and user rows repeat the same moves)."""
+        sent = received = 0
+        pool_prefix = row_key(POOL) + b"\x00"
+        for row in range(self.max_rows):
+            base = self._row_base(row)
+            if self.q[base >> 3] and self.mm[base + 8 : base + 10] == pool_prefix:
+                sent += self.cell_get(row, slot, "sent")
+                received += self.cell_get(row, slot, "received")
+        return sent, received
 
     def snapshot_rows(self) -> list[RowSnapshot]:
         out = []

@@ -228,7 +228,8 @@ def _show_workers(worker: Worker):
     """pgherd's own: one row per worker slot (psutil for what the kernel knows)."""
     cols = [("slot", I4), ("pid", I4), ("state", TEXT), ("uptime", I8),
             ("heartbeat_age_ms", I8), ("clients", I4), ("servers", I4), ("rss", I8),
-            ("cpu_percent", NUM), ("open_fds", I4), ("restarts", I4), ("epoch", I8)]
+            ("cpu_percent", NUM), ("open_fds", I4), ("restarts", I4), ("epoch", I8),
+            ("servers_sent", I8), ("servers_received", I8)]
     now = time.monotonic_ns()
     rows = []
     for w in worker.segment.read_all(worker.settings.workers):
@@ -249,7 +250,8 @@ def _show_workers(worker: Worker):
         rows.append((w.slot, w.pid or None, state if w.pid else "down",
                      (now - w.started_ns) // 1_000_000_000 if w.pid else 0,
                      (now - w.heartbeat_ns) // 1_000_000 if w.pid else None, w.clients,
-                     w.servers, rss, cpu, fds, w.restarts, w.epoch))
+                     w.servers, rss, cpu, fds, w.restarts, w.epoch,
+                     *worker.segment.handovers(w.slot)))
     return cols, rows
 
 
@@ -299,7 +301,7 @@ def _show_pools(worker: Worker):
     rows = []
     for r in sorted(_pool_rows(worker), key=lambda r: r.names):
         t = r.totals
-        wait_us = (now - r.max_wait_ns) // 1000 if r.max_wait_ns else 0
+        wait_us = r.wait_ns(now) // 1000
         rows.append((r.names[0], r.names[1], t["cl_active"], t["cl_waiting"], 0, 0,
                      t["sv_active"], 0, 0, t["sv_idle"], t["sv_used"], t["sv_tested"],
                      t["sv_login"], wait_us // 1_000_000, wait_us % 1_000_000,

@@ -352,7 +352,7 @@ class Metrics:
             t = r.totals
             for name, field, _ in _POOL_GAUGES:
                 gauges[name].add_metric(names, t[field])
-            maxwait.add_metric(names, (now_ns - r.max_wait_ns) / 1e9 if r.max_wait_ns else 0.0)
+            maxwait.add_metric(names, r.wait_ns(now_ns) / 1e9)
             for name, field, div, _ in _POOL_COUNTERS:
                 counters[name].add_metric(names, t[field] / div)
         yield from gauges.values()

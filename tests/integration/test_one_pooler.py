@@ -192,6 +192,30 @@ def test_no_stranded_capacity_with_skewed_load(pgherd):
     _check_capacity(total, waits, fastest, 10)
 
 
+def test_show_workers_counts_hand_overs(pgherd):
+    """pool_size 1: a client of another worker can get the one server only by a hand-over."""
+    h = pgherd(settings={"pool_mode": "transaction", "default_pool_size": 1}, workers=2)
+    by_slot: dict[int, psycopg.Connection] = {}
+    extra = []
+    while len(by_slot) < 2 and len(extra) < 100:
+        c = h.connect(**NO_PREPARE)
+        if slot_of(c) in by_slot:
+            extra.append(c)
+        else:
+            by_slot[slot_of(c)] = c
+    for c in extra:
+        c.close()
+    assert len(by_slot) == 2, "every connection landed on one worker"
+    by_slot[0].execute("SELECT 1")  # the pool's only server opens in worker 0
+    by_slot[1].execute("SELECT 1")  # worker 1 may not open another: it has to come over
+    rows = {r["slot"]: r for r in h.admin_dicts("SHOW WORKERS")}
+    assert rows[0]["servers_sent"] >= 1 and rows[1]["servers_received"] >= 1, rows
+    assert sum(r["servers_sent"] for r in rows.values()) == sum(
+        r["servers_received"] for r in rows.values())
+    for c in by_slot.values():
+        c.close()
+
+
 # --------------------------------------------------------------------------- cancel
 
 

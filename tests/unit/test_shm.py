@@ -56,6 +56,28 @@ def test_waiting_flags_name_the_oldest_other_worker(seg):
     assert seg.oldest_waiter_elsewhere(row, 0) == (1, 2000)
 
 
+def test_handovers_sum_pool_rows_only(seg):
+    """A hand-over is counted in the pool's row and again in its database and user rows;
+    SHOW WORKERS counts it once."""
+    for kind, names in ((shm.POOL, ("db", "u")), (shm.DATABASE, ("db",)), (shm.USER, ("u",))):
+        row = seg.row(shm.row_key(kind, *names))
+        seg.cell_add(row, 1, "sent", 2)
+        seg.cell_add(row, 2, "received", 2)
+    other = seg.row(shm.row_key(shm.POOL, "db2", "u"))
+    seg.cell_add(other, 1, "sent", 1)
+    seg.cell_add(other, 2, "received", 1)
+    assert seg.handovers(1) == (3, 0)
+    assert seg.handovers(2) == (0, 3)
+    assert seg.handovers(0) == (0, 0)
+
+
+def test_maxwait_is_never_negative(seg):
+    row = shm.RowSnapshot("p", ("db", "u"), {}, max_wait_ns=5_000)
+    assert row.wait_ns(8_000) == 3_000
+    assert row.wait_ns(4_000) == 0  # sampled the clock before the wait began
+    assert shm.RowSnapshot("p", ("db", "u"), {}, max_wait_ns=0).wait_ns(8_000) == 0
+
+
 def test_admission_lock_excludes_another_description(seg):
     other = shm.Segment(seg.fd, seg.mm, seg.max_workers, seg.max_rows)
     other.attach()  # its own open file description, as a worker has
