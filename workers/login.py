@@ -119,8 +119,8 @@ class Login:
     the same steps go on in a greenlet; steps already done are not redone.
     """
 
-    __slots__ = ("worker", "sock", "peer", "cid", "label", "addr", "deadline", "reader",
-                 "watcher", "params", "admitted", "user", "dbname")
+    __slots__ = ("worker", "sock", "peer", "cid", "deadline", "reader", "watcher", "params",
+                 "admitted", "user", "dbname")
 
     def __init__(self, worker: Worker, sock: socket.socket, peer: tuple[str, int],
                  cid: int) -> None:
@@ -128,8 +128,6 @@ class Login:
         self.sock = sock
         self.peer = peer
         self.cid = cid
-        self.label = "C-%d" % cid
-        self.addr = "%s:%d" % peer
         self.deadline = _monotonic() + (worker.settings.client_login_timeout or 1e9)
         self.reader = MessageReader(startup=True)
         self.watcher = None
@@ -137,6 +135,14 @@ class Login:
         self.admitted = False  # holds one of the service's max_client_conn places
         self.user = self.dbname = "?"
         worker.logins += 1
+
+    @property
+    def label(self) -> str:
+        return "C-%d" % self.cid
+
+    @property
+    def addr(self) -> str:
+        return "%s:%d" % self.peer
 
     def start(self) -> None:
         """From the accept callback: read what is there, wait for more on a watcher."""
@@ -154,7 +160,7 @@ class Login:
             self.params = self._startup(can_wait)
             if self.params is None:
                 return False  # more to read (the watcher calls again) or a cancel served
-        self._stop_watching()
+        self._stop_watching(close=False)  # the client takes the watcher over
         self._finish(can_wait)
         return True
 
@@ -264,15 +270,14 @@ class Login:
             if not can_wait:
                 raise _Wait()
             _wait_welcome(pool, self.deadline)
-        client = Client(worker, sock, pool, dict(pool.welcome_tracked), user, dbname, self.cid,
-                        self.peer)
-        client.params.update(client_params)
+        client = Client(worker, sock, pool, {**pool.welcome_tracked, **client_params}, user,
+                        dbname, self.cid, self.peer, self.watcher)
+        self.watcher = None
         client.cancel_key = worker.new_cancel_key(client)
         # Everything the client waits for in one packet: AuthenticationOk, the server's
         # parameters (its own tracked values), BackendKeyData, ReadyForQuery.
-        out = [auth_ok, pool.welcome_static]
-        out += [proto.parameter_status(k, v) for k, v in client.params.items()]
-        out += [proto.backend_key_data(*client.cancel_key), proto.READY_IDLE]
+        out = [auth_ok, pool.welcome_for(client.params),
+               proto.backend_key_data(*client.cancel_key), proto.READY_IDLE]
         pool.stats.client_login_count += 1
         worker.client_ready(client)
         self.admitted = False  # the client owns its place now; Client.disconnect gives it back
@@ -286,12 +291,14 @@ class Login:
             log.info("%s: %s/%s@%s login attempt: db=%s user=%s tls=no", self.label,
                      self.dbname, self.user, self.addr, self.dbname, self.user)
 
-    def _stop_watching(self) -> None:
+    def _stop_watching(self, close: bool = True) -> None:
         self.worker.handshakes.pop(self, None)
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher.close()
-            self.watcher = None
+        watcher = self.watcher
+        if watcher is not None:
+            watcher.stop()
+            if close:
+                watcher.close()
+                self.watcher = None
 
     def _refuse(self, exc: Refused) -> None:
         self._stop_watching()

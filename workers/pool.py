@@ -44,6 +44,7 @@ IDLE_OFFER_AFTER = 0.002
 #: After a limit refused a new server, requests queue without asking again for this long:
 #: under saturation every queued request would otherwise take the admission lock.
 FULL_BACKOFF = 0.001
+WELCOMES_KEPT = 64
 
 
 class PoolStats:
@@ -75,6 +76,7 @@ class Pool:
         self.welcome: dict[str, str] | None = None  # server defaults, replayed to new clients
         self.welcome_static = b""  # ParameterStatus messages of the untracked defaults
         self.welcome_tracked: dict[str, str] = {}  # tracked defaults, overridable per client
+        self._welcomes: dict[tuple, bytes] = {}  # see welcome_for
         self.welcome_ready = gevent.event.Event()
         self.login_error: dict[str, str] | None = None
         self.login_failed_at = 0.0
@@ -438,6 +440,20 @@ class Pool:
         self.welcome_tracked = {k: v for k, v in params.items() if tracked.canonical(k)}
         self.welcome_static = b"".join(proto.parameter_status(k, v) for k, v in params.items()
                                        if k not in self.welcome_tracked)
+        self._welcomes = {}
+
+    def welcome_for(self, params: dict[str, str]) -> bytes:
+        """Every ParameterStatus a new client gets: the server's defaults with the client's
+        tracked values. Most clients of a pool ask for the same values, so each distinct
+        set is encoded once (a few dozen kept: application names may all differ)."""
+        key = tuple(params.items())
+        data = self._welcomes.get(key)
+        if data is None:
+            if len(self._welcomes) >= WELCOMES_KEPT:
+                self._welcomes.clear()
+            data = self._welcomes[key] = self.welcome_static + b"".join(
+                proto.parameter_status(k, v) for k, v in params.items())
+        return data
 
     def adopt(self, server: Server) -> None:
         """A server handed over by another worker (already in ``servers``) goes to work

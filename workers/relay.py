@@ -49,13 +49,14 @@ class Conn:
                  "connect_time", "id", "__weakref__")
 
     def __init__(self, worker: Worker, sock: socket.socket, cid: int = 0,
-                 addr: tuple[str, int] | None = None) -> None:
+                 addr: tuple[str, int] | None = None, rw=None) -> None:
         self.worker = worker
         self.sock = sock
         self.fd = sock.fileno()
-        loop = worker.loop
-        self.rw = loop.io(self.fd, 1)
-        self.ww = loop.io(self.fd, 2)
+        # A login hands over its read watcher; the write watcher is made when a send first
+        # falls short (most connections never need it). Each new watcher costs a syscall.
+        self.rw = rw or worker.loop.io(self.fd, 1)
+        self.ww = None
         self.out: bytearray | None = None
         self.closed = False
         self.connect_time = time.time()
@@ -81,6 +82,8 @@ class Conn:
         if sent == len(data):
             return True
         self.out = bytearray(data[sent:])
+        if self.ww is None:
+            self.ww = self.worker.loop.io(self.fd, 2)
         self.ww.start(self._on_writable)
         self.pause_peer()
         return False
@@ -106,9 +109,10 @@ class Conn:
 
     def stop_io(self) -> None:
         self.rw.stop()
-        self.ww.stop()
         self.rw.close()
-        self.ww.close()
+        if self.ww is not None:
+            self.ww.stop()
+            self.ww.close()
 
     # Subclass hooks.
     def pause_peer(self) -> None:
@@ -143,8 +147,8 @@ class Client(Conn):
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
                  params: dict[str, str], user: str, dbname: str, cid: int,
-                 addr: tuple[str, int]) -> None:
-        super().__init__(worker, sock, cid, addr)
+                 addr: tuple[str, int], rw=None) -> None:
+        super().__init__(worker, sock, cid, addr, rw)
         self.pool = pool
         self.server: Server | None = None
         self.mode = pool.mode
@@ -171,7 +175,6 @@ class Client(Conn):
 
     def start(self) -> None:
         """Login is done: from now on the event loop drives this client."""
-        self.params_changed()
         self.rw.start(self.on_read)
 
     def params_changed(self) -> None:
@@ -623,7 +626,8 @@ class Server(Conn):
                      int(_monotonic() - self.born))
         self.pool.server_gone(self)
         self.rw.stop()
-        self.ww.stop()
+        if self.ww is not None:
+            self.ww.stop()
         try:
             self.sock.send(proto.TERMINATE)
             self.rw.start(self._on_closing)

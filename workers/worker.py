@@ -60,6 +60,7 @@ class Worker:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: dict[int, Client] = {}
         self.cancel_keys: dict[tuple[int, int], Client] = {}
+        self._entropy = memoryview(b"")  # os.urandom read ahead for cancel keys
         self.auto_databases: dict[str, Database] = {}
         self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
         self.handshakes: dict = {}  # Login -> its deadline, while no greenlet enforces it
@@ -248,7 +249,10 @@ class Worker:
         # The worker slot rides in the top bits of the key's first half, so a CancelRequest
         # that the kernel hands to another worker can be routed back here.
         while True:
-            rand = int.from_bytes(os.urandom(7), "big")
+            if len(self._entropy) < 7:  # one getrandom() per 512 keys, not one per login
+                self._entropy = memoryview(os.urandom(7 * 512))
+            rand = int.from_bytes(self._entropy[:7], "big")
+            self._entropy = self._entropy[7:]
             key = ((self.slot << 24) | (rand >> 32), rand & 0xFFFFFFFF)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
@@ -304,8 +308,8 @@ class Worker:
         for lsock in self.listeners:
             lsock.setblocking(False)
             watcher = self.loop.io(lsock.fileno(), 1)
-            watcher.start(self._accept, lsock)
             self._accepting.append(watcher)
+        self._resume_accepting()
         timer = self.loop.timer(HOUSEKEEPING_PERIOD, HOUSEKEEPING_PERIOD)
         timer.start(self._housekeeping)
         self._timer = timer
@@ -313,11 +317,14 @@ class Worker:
         self._install_signals()
         self.publish(shm.READY)
 
-    def _accept(self, lsock: socket.socket) -> None:
+    def _accept(self, lsock: socket.socket, family: int) -> None:
         """One connection per wakeup: the listener stays readable while more wait, and not
-        trying again saves a failed accept() per connection (and keeps bursts fair)."""
+        trying again saves a failed accept() per connection (and keeps bursts fair).
+
+        ``_accept`` and a socket made from the descriptor, rather than ``accept()``, which
+        converts family and type to enums twice per connection."""
         try:
-            sock, addr = lsock.accept()
+            fd, addr = lsock._accept()
         except (BlockingIOError, InterruptedError):
             return  # another worker took it (the Unix socket is shared)
         except OSError as exc:
@@ -325,8 +332,9 @@ class Worker:
                 log.error("accept() failed: %s; pausing for a second", exc.strerror)
                 self._pause_accepting(1.0)
             return
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
         sock.setblocking(False)
-        if lsock.family == socket.AF_UNIX:
+        if family == socket.AF_UNIX:
             peer = ("unix", self.settings.listen_port)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -343,7 +351,7 @@ class Worker:
     def _resume_accepting(self) -> None:
         if not self.draining:
             for watcher, lsock in zip(self._accepting, self.listeners):
-                watcher.start(self._accept, lsock)
+                watcher.start(self._accept, lsock, int(lsock.family))
 
     # ------------------------------------------------------------------ housekeeping
 
