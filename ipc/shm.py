@@ -37,7 +37,7 @@ import zlib
 import msgspec
 
 MAGIC = b"PGHERD\x00\x02"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAX_WORKERS = 64
 MAX_ROWS = 1024
 
@@ -91,6 +91,7 @@ STAT_FIELDS = (
 #: that a server in flight between two workers is still counted against the limits.
 CELL_FIELDS = (
     "servers", "sent", "received", "sv_active", "sv_idle", "sv_used", "sv_tested",
+    "sv_being_canceled",
     "sv_login", "cl_active", "cl_waiting", "waiting_since_ns", "clients",
 ) + STAT_FIELDS
 CELL_SIZE = 8 * len(CELL_FIELDS)

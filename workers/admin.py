@@ -303,7 +303,8 @@ def _show_pools(worker: Worker):
         t = r.totals
         wait_us = r.wait_ns(now) // 1000
         rows.append((r.names[0], r.names[1], t["cl_active"], t["cl_waiting"], 0, 0,
-                     t["sv_active"], 0, 0, t["sv_idle"], t["sv_used"], t["sv_tested"],
+                     t["sv_active"], 0, t["sv_being_canceled"], t["sv_idle"], t["sv_used"],
+                     t["sv_tested"],
                      t["sv_login"], wait_us // 1_000_000, wait_us % 1_000_000,
                      _pool_mode(worker, *r.names), None))
     return cols, rows

@@ -199,11 +199,21 @@ class Exchange:
 
     # ------------------------------------------------------------------ cancel
 
-    def relay_cancel(self, slot: int, pid: int, key: int) -> None:
-        self.post(slot, channel.Cancel(pid, key))
+    def relay_cancel(self, slot: int, pid: int, key: int,
+                     request: socket.socket | None = None) -> None:
+        """Pass a CancelRequest to the client's worker, with the connection it came on
+        (closed there when the cancel is done; closed here at once if the inbox is full)."""
+        message = channel.Cancel(pid, key)
+        if request is not None:
+            sent = self.inboxes.send(slot, message, [request.fileno()])
+            request.close()  # our descriptor; the other worker got its own
+            if sent:
+                return
+        self.post(slot, message)
 
     def _on_cancel(self, m: channel.Cancel, fds: list[int]) -> None:
-        self.worker.cancel_local(m.pid, m.key)
+        request = socket.socket(fileno=fds[0]) if fds else None
+        self.worker.cancel_local(m.pid, m.key, request)
 
     # ------------------------------------------------------------------ admin gathers
 

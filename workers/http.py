@@ -28,7 +28,7 @@ Metric names (all prefixed ``pgherd_``; times in seconds, sizes in bytes):
 
 * per pool, labels ``database``, ``user``: gauges ``clients_active``, ``clients_waiting``,
   ``servers_active``, ``servers_idle``, ``servers_used``, ``servers_tested``,
-  ``servers_login``, ``maxwait_seconds``; counters ``transactions_total``, ``queries_total``,
+  ``servers_login``, ``servers_being_canceled``, ``maxwait_seconds``; counters ``transactions_total``, ``queries_total``,
   ``received_bytes_total``, ``sent_bytes_total``, ``xact_time_seconds_total``,
   ``query_time_seconds_total``, ``wait_time_seconds_total``, ``client_logins_total``,
   ``server_assignments_total``, ``client_parses_total``, ``server_parses_total``,
@@ -295,6 +295,8 @@ _POOL_GAUGES = (
     ("servers_used", "sv_used", "Server connections idle longer than server_check_delay"),
     ("servers_tested", "sv_tested", "Server connections running a reset or check query"),
     ("servers_login", "sv_login", "Server connections logging in"),
+    ("servers_being_canceled", "sv_being_canceled",
+     "Server connections kept from reuse until a cancel request for them is done"),
 )
 #: (metric name without _total, STAT_FIELDS name, divisor, help)
 _POOL_COUNTERS = (

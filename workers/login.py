@@ -220,9 +220,8 @@ class Login:
                 send_all(sock, b"N", self.deadline)  # one byte into an empty buffer
                 continue
             if code == proto.CANCEL_REQUEST_CODE:
-                worker.cancel(*params)
                 self._stop_watching()
-                self._close()
+                worker.cancel(*params, sock)  # which closes sock once the request is done
                 self._over()
                 return None
             if code >> 16 < 3:
@@ -619,13 +618,20 @@ def _server_auth(pool: Pool, code: int, data: bytes,
 # --------------------------------------------------------------------------- cancel
 
 
-def forward_cancel(worker: Worker, server: Server) -> None:
-    """Greenlet: send a CancelRequest for ``server``'s backend over a new connection."""
+def forward_cancel(worker: Worker, server: Server,
+                   request: socket.socket | None = None) -> None:
+    """Greenlet: send a CancelRequest for ``server``'s backend over a new connection.
+
+    Until PostgreSQL has closed that connection (it has then signalled the backend) the
+    server is not reused (see ``Pool.release``), and the client's own cancel connection,
+    ``request``, stays open: like PostgreSQL, pgherd answers a cancel when it is done."""
     deadline = _monotonic() + (worker.settings.server_connect_timeout or 15)
+    server.cancels += 1
     try:
         sock = connect(server.target, deadline)
     except (OSError, LoginTimeout) as exc:
         log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        _cancel_over(server, request)
         return
     try:
         send_all(sock, proto.cancel_request(server.backend_pid, server.backend_key), deadline)
@@ -635,3 +641,12 @@ def forward_cancel(worker: Worker, server: Server) -> None:
         log.warning("S-%d: cancel request failed: %s", server.id, exc)
     finally:
         sock.close()
+        _cancel_over(server, request)
+
+
+def _cancel_over(server: Server, request: socket.socket | None) -> None:
+    if request is not None:
+        request.close()
+    server.cancels -= 1
+    if not server.cancels:
+        server.pool.cancel_done(server)

@@ -107,11 +107,11 @@ class Drain:
         client.detach()
         return True
 
-    def forward_cancel(self, pid: int, key: int) -> bool:
+    def forward_cancel(self, pid: int, key: int, request: socket.socket | None) -> bool:
         slot = self.moved.get((pid, key))
         if slot is None:
             return False
-        self.worker.exchange.relay_cancel(slot, pid, key)
+        self.worker.exchange.relay_cancel(slot, pid, key, request)
         return True
 
 

@@ -214,6 +214,20 @@ class Pool:
         server.last_used = now
         if self._retire(server, now):
             return
+        if server.cancels:
+            # A cancel request for this backend is still under way: PostgreSQL signals the
+            # backend twice, and the second signal can come late enough to cancel whatever
+            # the next client runs on it (PgBouncer #717). Reused once the request is done.
+            server.state = "being_canceled"
+            return
+        self._reuse(server)
+
+    def cancel_done(self, server: Server) -> None:
+        """The last cancel request sent for ``server`` is complete: it may be reused now."""
+        if server.state == "being_canceled" and not server.closed:
+            self._reuse(server)
+
+    def _reuse(self, server: Server) -> None:
         s = self.worker.settings
         if s.server_reset_query and (self.mode == SESSION or s.server_reset_query_always):
             server.state = "used"
@@ -592,6 +606,7 @@ class Pool:
             self.rows[0], self.worker.slot,
             sv_active=states.count("active"), sv_idle=states.count("idle"),
             sv_used=states.count("used"), sv_tested=states.count("tested"),
+            sv_being_canceled=states.count("being_canceled"),
             sv_login=self.connecting, cl_active=len(self.clients) - len(self.waiting),
             clients=len(self.clients),
             **{name: getattr(st, name) for name in PoolStats.__slots__})

@@ -400,7 +400,7 @@ class Server(Conn):
     """A server connection that finished login, owned by one pool of this worker."""
 
     __slots__ = ("pool", "client", "bs", "params", "params_key", "backend_pid", "backend_key",
-                 "statements", "state",
+                 "statements", "state", "cancels",
                  "expect", "release_on_drain", "close_needed", "last_used", "link_time",
                  "query_start", "xact_start", "internal", "reader", "internal_error",
                  "target", "born")
@@ -418,7 +418,8 @@ class Server(Conn):
         self.backend_pid = backend_pid
         self.backend_key = backend_key
         self.target = target  # where it is connected, for cancel requests
-        self.state = "idle"  # idle | active | used | tested
+        self.state = "idle"  # idle | active | used | tested | being_canceled
+        self.cancels = 0  # cancel requests for its backend still under way (forward_cancel)
         self.expect = 0  # ReadyForQuery messages still owed for forwarded requests
         self.release_on_drain = False
         self.close_needed = False

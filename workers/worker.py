@@ -267,40 +267,44 @@ class Worker:
         self.cancel_keys.pop(client.cancel_key, None)
         self.limits.client_closed()
 
-    def cancel(self, pid: int, key: int) -> None:
-        """A CancelRequest, on whichever worker the kernel handed it: to the client's worker."""
+    def cancel(self, pid: int, key: int, request: socket.socket) -> None:
+        """A CancelRequest, on whichever worker the kernel handed it: to the client's worker.
+        ``request`` is the connection it came on; it is closed when the cancel is done."""
         slot = pid >> 24
         if slot == self.slot:
-            self.cancel_local(pid, key)
+            self.cancel_local(pid, key, request)
         elif slot < shm.MAX_WORKERS and self.segment.read(slot).pid:
-            self.exchange.relay_cancel(slot, pid, key)
+            self.exchange.relay_cancel(slot, pid, key, request)
+        elif (pid, key) in self.cancel_keys:
+            self.cancel_local(pid, key, request)
         else:
             # The client's worker is gone (drained away): wherever the client went, that
             # worker knows its key; the others ignore it.
-            if (pid, key) in self.cancel_keys:
-                self.cancel_local(pid, key)
-            else:
-                for other in self.exchange.live_slots():
-                    self.exchange.relay_cancel(other, pid, key)
+            request.close()
+            for other in self.exchange.live_slots():
+                self.exchange.relay_cancel(other, pid, key)
 
-    def cancel_local(self, pid: int, key: int) -> None:
+    def cancel_local(self, pid: int, key: int, request: socket.socket | None = None) -> None:
         """Forward a cancel to the backend running that client's query, if it runs one."""
         client = self.cancel_keys.get((pid, key))
-        if client is None:
-            if self.drainer is not None and self.drainer.forward_cancel(pid, key):
-                return
-            log.info("cancel request for unknown key, ignored")
+        server = client.server if client is not None else None
+        if client is None and self.drainer is not None and \
+                self.drainer.forward_cancel(pid, key, request):
             return
-        server = client.server
-        if server is None or server.expect <= 0 or server.internal is not None:
+        if client is None:
+            log.info("cancel request for unknown key, ignored")
+        elif server is None or server.expect <= 0 or server.internal is not None:
             # PgBouncer: never cancel whatever a reused server may be running by now.
             log.info("%s cancel request for idle client, ignored", client.label())
+        else:
+            self.cancel_server(server, request)
             return
-        self.cancel_server(server)
+        if request is not None:
+            request.close()
 
-    def cancel_server(self, server: Server) -> None:
+    def cancel_server(self, server: Server, request: socket.socket | None = None) -> None:
         """Cancel what ``server``'s backend runs now (in the background; never fails)."""
-        gevent.spawn(forward_cancel, self, server)
+        gevent.spawn(forward_cancel, self, server, request)
 
     # ------------------------------------------------------------------ accepting
 

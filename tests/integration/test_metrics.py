@@ -191,6 +191,7 @@ def test_metrics_equal_show_stats_and_show_pools(service, pg) -> None:
             assert value(m, "pgherd_servers_used", **lab) == p["sv_used"]
             assert value(m, "pgherd_servers_tested", **lab) == p["sv_tested"]
             assert value(m, "pgherd_servers_login", **lab) == p["sv_login"]
+            assert value(m, "pgherd_servers_being_canceled", **lab) == p["sv_being_canceled"]
             assert value(m, "pgherd_maxwait_seconds", **lab) == 0
         assert value(m, "pgherd_clients_active", database="p0", user="postgres") == 6
         assert value(m, "pgherd_clients_active", database="p1", user="app") == 1
