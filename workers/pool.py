@@ -47,6 +47,14 @@ FULL_BACKOFF = 0.001
 WELCOMES_KEPT = 64
 
 
+def narrows_gap(held: int, share: float, their_held: int, their_share: float) -> bool:
+    """Should a worker holding ``held`` servers of a pool (``share`` being its fair part) give
+    one to a worker holding ``their_held`` (fair part ``their_share``)? Only if it is above
+    its share and the move narrows the gap between the two: at a gap of exactly one (shares
+    7.5 and 8.5 held as 8 and 8, or as 7 and 9) either side would pass it straight back."""
+    return held > share and (held - share) - (their_held - their_share) > 1
+
+
 class PoolStats:
     """Counters of one pool in this worker, in PgBouncer's units (bytes, microseconds)."""
 
@@ -269,8 +277,8 @@ class Pool:
 
         Servers follow demand: each worker's share of the pool is proportional to its
         clients (published a few times a second), and a server moves only from a worker
-        above its share to one below it. Waits then stay alike without servers changing
-        hands at every release. As a safety valve against stale shares, a client that has
+        above its share to one further below its own. Waits then stay alike without servers
+        changing hands at every release. As a safety valve against stale shares, a client that has
         waited FAIRNESS_FACTOR times as long as the oldest here plus FAIRNESS_SLACK gets it.
         """
         now = _monotonic()
@@ -280,8 +288,11 @@ class Pool:
         shares, me, slot = self.shares, self.worker.slot, remote[0]
         if me >= len(shares) or slot >= len(shares):
             return False
-        return (len(self.servers) - 1 >= shares[me] - 0.5 and
-                self.worker.segment.cell_get(self.rows[0], slot, "servers") + 1 <= shares[slot] + 0.5)
+        held = len(self.servers)  # this one included
+        if held <= shares[me]:
+            return False  # no need to read the other worker's count
+        return narrows_gap(held, shares[me],
+                           self.worker.segment.cell_get(self.rows[0], slot, "servers"), shares[slot])
 
     def _refresh_shares(self) -> None:
         """Each worker's share of this pool's servers, proportional to the clients every
