@@ -64,11 +64,14 @@ class ClientHandoff(msgspec.Struct, tag=True, array_like=True):
 
 
 class Want(msgspec.Struct, tag=True, array_like=True):
-    """A worker has clients waiting for a pool that is at its limit: hand over an idle server."""
+    """A worker has clients waiting for a pool that is at its limit: hand over an idle server
+    of it — or, when ``evict`` names a shared limit ("db": max_db_connections, "user":
+    max_user_connections), close an idle server of another pool under that limit."""
 
     db: str
     user: str
     from_slot: int
+    evict: str = ""
 
 
 class Cancel(msgspec.Struct, tag=True, array_like=True):

@@ -25,6 +25,7 @@ import gevent.event
 from ipc import channel
 
 from . import prepared
+from .pool import IDLE_OFFER_AFTER, evict_idle
 from .relay import Server
 
 if TYPE_CHECKING:
@@ -175,8 +176,9 @@ class Exchange:
 
         receive_client(self.worker, m, fds)
 
-    def want(self, pool: Pool) -> None:
-        """Ask workers holding servers of ``pool`` to hand idle ones over (rate-limited).
+    def want(self, pool: Pool, evict: str = "") -> None:
+        """Ask workers holding servers of ``pool`` to hand idle ones over (rate-limited);
+        with ``evict`` (a shared limit refuses) every worker, to close a sibling's idle one.
 
         Not those with clients of their own waiting: they have no idle server to offer, and
         under saturation every worker would otherwise mail every other one all the time.
@@ -186,16 +188,20 @@ class Exchange:
             return
         self._want_next[pool] = now + WANT_INTERVAL
         seg, row = self.worker.segment, pool.rows[0]
-        message = channel.Want(pool.dbname, pool.user, self.slot)
+        message = channel.Want(pool.dbname, pool.user, self.slot, evict)
         for slot in range(self.worker.settings.workers):
-            if (slot != self.slot and seg.cell_get(row, slot, "servers")
-                    and not seg.cell_get(row, slot, "cl_waiting")):
+            if slot != self.slot and (evict or (seg.cell_get(row, slot, "servers")
+                                                and not seg.cell_get(row, slot, "cl_waiting"))):
                 self.inboxes.send(slot, message)  # best effort: releases check the flags
 
     def _on_want(self, m: channel.Want, fds: list[int]) -> None:
-        pool = self.worker.pools.get((m.db, m.user))
+        worker = self.worker
+        pool = worker.pools.get((m.db, m.user))
         if pool is not None:
             pool.offer_idle()
+        if m.evict:
+            # Settled idle servers only: one a busy pool just released is about to be used.
+            evict_idle(worker.pools.values(), m.db, m.user, m.evict, IDLE_OFFER_AFTER)
 
     # ------------------------------------------------------------------ cancel
 

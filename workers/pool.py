@@ -55,6 +55,19 @@ def narrows_gap(held: int, share: float, their_held: int, their_share: float) ->
     return held > share and (held - share) - (their_held - their_share) > 1
 
 
+def evict_idle(pools, dbname: str, user: str, shared: str, idle_for: float) -> bool:
+    """Close the least recently used server, idle at least ``idle_for`` seconds, of a pool
+    other than (dbname, user) under the same max_db_connections ("db") or
+    max_user_connections ("user"); False when there is none."""
+    settled = _monotonic() - idle_for
+    for pool in pools:
+        related = pool.dbname == dbname if shared == "db" else pool.user == user
+        if (related and (pool.dbname, pool.user) != (dbname, user) and pool.idle
+                and pool.idle[0].last_used <= settled):
+            return pool.close_idle("evicted by connection limit")
+    return False
+
+
 class PoolStats:
     """Counters of one pool in this worker, in PgBouncer's units (bytes, microseconds)."""
 
@@ -366,7 +379,7 @@ class Pool:
                 return
             if not admitted:
                 self.full_until = _monotonic() + FULL_BACKOFF
-                if self.waiting:
+                if self.waiting or self.welcome is None:  # queries, or logins, wait for one
                     self._make_room()
                 return
             self.connecting += 1
@@ -398,16 +411,15 @@ class Pool:
         return admitted
 
     def _make_room(self) -> None:
-        """At a limit with clients waiting: ask for idle servers of this pool elsewhere, and
-        free one of a sibling pool here when max_db/max_user_connections is what refuses."""
-        self.worker.exchange.want(self)
+        """At a limit with clients waiting: ask for idle servers of this pool elsewhere; when
+        max_db/max_user_connections is what refuses, free an idle server of a sibling pool —
+        here if there is one, else in whichever worker holds one (PgBouncer evicts the
+        oldest idle connection of the other pools)."""
         shared = self.worker.limits.blocked_by_shared_limit(self)
-        if shared is None:
-            return
-        for other in self.worker.pools.values():
-            related = other.dbname == self.dbname if shared == "db" else other.user == self.user
-            if other is not self and related and other.close_idle("evicted by connection limit"):
-                return  # its backend's exit frees the room: room_freed() grows this pool
+        if shared is not None and evict_idle(self.worker.pools.values(), self.dbname, self.user,
+                                             shared, 0.0):
+            shared = None  # its backend's exit frees the room: room_freed() grows this pool
+        self.worker.exchange.want(self, shared or "")
 
     def _connect(self) -> None:
         from .login import LoginFailed, open_server  # login imports pool's neighbours

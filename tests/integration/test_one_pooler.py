@@ -86,6 +86,27 @@ def test_max_db_and_user_connections_span_pools(pg, pgherd, pgbench_db):
     assert 0 < sampler.max <= 3
 
 
+def test_shared_limit_evicts_an_idle_server_in_another_worker(pgherd):
+    """max_user_connections 1 spanning two databases: the one server sits idle in one worker;
+    a login or a query of the other database, in another worker, has it closed there."""
+    h = pgherd(settings={"pool_mode": "transaction", "max_user_connections": 1,
+                         "query_wait_timeout": 30}, workers=2)
+
+    def on_slot(db: str, slot: int) -> psycopg.Connection:
+        return next(c for c in iter(lambda: h.connect(db, **NO_PREPARE), None)
+                    if slot_of(c) == slot or c.close())
+
+    a = on_slot("p1", 1)
+    a.execute("SELECT 1")  # p1's server, idle in worker 1
+    b = on_slot("p0", 0)  # a login needs a server for p0's welcome: evicts worker 1's
+    b.execute("SELECT 1")  # p0's server, idle in worker 0
+    t0 = time.monotonic()
+    assert a.execute("SELECT 42").fetchone() == (42,)  # a query: evicts worker 0's
+    assert time.monotonic() - t0 < 5, "waited for a timeout instead of an eviction"
+    a.close()
+    b.close()
+
+
 def test_max_client_conn_counts_all_workers(pgherd):
     h = pgherd(settings={"max_client_conn": 40}, workers=WORKERS)
     conns = [h.connect() for _ in range(40)]
