@@ -20,6 +20,10 @@ Choices:
   OS user (``subprocess``'s ``user=``/``group=``, no helper binary), in directories it owns.
 * pgherd is ready when its master sends ``READY=1`` to the NOTIFY_SOCKET we bind (it does so
   once all workers serve); PgBouncer when its port accepts connections.
+* ``pgherd-split`` (on request: ``--targets``) is the baseline for what sharing costs: as
+  many independent one-worker pgherd services as ``--workers``, on one port (SO_REUSEPORT
+  spreads the clients), each with its share of the pool size — per-worker pools, as separate
+  poolers would have. Its CPU and RSS are those of all of them (one launcher process runs them).
 * Pooler CPU per transaction is the user+system CPU time of the pooler's process tree (master,
   workers, and anything they reaped) between just before and just after pgbench, divided by
   pgbench's transaction count. Peak RSS is sampled a few times per second during the run.
@@ -60,7 +64,8 @@ import psutil
 from .config import load_config
 from .pgtools import find_pgbouncer, pg_bindir, pg_tool
 
-TARGETS = ("direct", "pgherd", "pgbouncer")
+TARGETS = ("direct", "pgherd", "pgbouncer", "pgherd-split")
+DEFAULT_TARGETS = TARGETS[:3]  # pgherd-split only when asked for
 READY_TIMEOUT = 30.0  # seconds a pooler may take to start serving
 STOP_TIMEOUT = 20.0  # seconds a pooler may take to exit once signalled
 SCRATCH_PREFIX = "pgherd-bench-"  # /tmp/<prefix>XXXX: short, for unix socket paths
@@ -334,24 +339,27 @@ def render_table(runs: Sequence[RunResult]) -> str:
 
 
 def ratio_lines(runs: Sequence[RunResult]) -> list[str]:
-    """``pgherd/PgBouncer`` tps and CPU-per-transaction ratios, one line per mode and
-    protocol where both ran without error."""
+    """pgherd's tps and CPU-per-transaction ratios to PgBouncer's and to pgherd-split's (what
+    sharing pools across workers costs), one line per mode and protocol where both ran
+    without error."""
     by_key = {(r.target, run_mode(r), r.protocol): r for r in runs if r.error is None}
     lines = []
     for run in runs:
         if run.target != "pgherd" or run.error is not None:
             continue
-        other = by_key.get(("pgbouncer", run_mode(run), run.protocol))
-        if other is None:
-            continue
-        parts = []
-        if run.tps and other.tps:
-            parts.append(f"tps {run.tps / other.tps:.2f}x")
-        ours, theirs = run.pooler_cpu_us_per_xact, other.pooler_cpu_us_per_xact
-        if ours and theirs:
-            parts.append(f"CPU/xact {ours / theirs:.2f}x")
-        if parts:
-            lines.append(f"pgherd/PgBouncer ({run_mode(run)}, {run.protocol}): " + ", ".join(parts))
+        for target, label in (("pgbouncer", "pgherd/PgBouncer"),
+                              ("pgherd-split", "pgherd/pgherd-split")):
+            other = by_key.get((target, run_mode(run), run.protocol))
+            if other is None:
+                continue
+            parts = []
+            if run.tps and other.tps:
+                parts.append(f"tps {run.tps / other.tps:.2f}x")
+            ours, theirs = run.pooler_cpu_us_per_xact, other.pooler_cpu_us_per_xact
+            if ours and theirs:
+                parts.append(f"CPU/xact {ours / theirs:.2f}x")
+            if parts:
+                lines.append(f"{label} ({run_mode(run)}, {run.protocol}): " + ", ".join(parts))
     return lines
 
 
@@ -887,6 +895,9 @@ class PgherdTarget(PoolerTarget):
 
     name = "pgherd"
 
+    #: services that each send READY=1 once they serve
+    instances = 1
+
     def __init__(self, database: Database, workdir: Path, pool: PoolSettings) -> None:
         super().__init__(database, workdir, pool)
         self.notify_path = workdir / "notify.sock"
@@ -910,14 +921,61 @@ class PgherdTarget(PoolerTarget):
     def wait_ready(self, deadline: float) -> bool:
         assert self._notify is not None and self.proc is not None
         self._notify.settimeout(0.1)  # short, to notice pgherd exiting early
+        ready = 0
         try:
             while time.monotonic() < deadline and self.proc.poll() is None:
                 with contextlib.suppress(socket.timeout):
-                    if "READY=1" in self._notify.recv(65536).decode(errors="replace").split("\n"):
+                    lines = self._notify.recv(65536).decode(errors="replace").split("\n")
+                    ready += lines.count("READY=1")
+                    if ready >= self.instances:
                         return True
             return False
         finally:
             self._notify.close()  # later notifications (STOPPING=1) are dropped
+
+
+#: Runs one ``pgherd run -q INI`` per ini and relays SIGTERM/SIGINT to them all:
+#: ``python -c SPLIT_LAUNCHER <pgherd command...> -- <ini>...``
+SPLIT_LAUNCHER = """
+import signal, subprocess, sys
+sep = sys.argv.index("--")
+procs = [subprocess.Popen(sys.argv[1:sep] + ["run", "-q", ini]) for ini in sys.argv[sep + 1:]]
+def relay(signum, frame):
+    for proc in procs:
+        proc.send_signal(signum)
+signal.signal(signal.SIGTERM, relay)
+signal.signal(signal.SIGINT, relay)
+sys.exit(max(proc.wait() for proc in procs))
+"""
+
+
+class SplitPgherdTarget(PgherdTarget):
+    """Per-worker pools: ``workers`` one-worker pgherd services sharing the port, each with
+    ``ceil(pool_size / workers)`` servers — what pgherd's shared pools are measured against."""
+
+    name = "pgherd-split"
+
+    def __init__(self, database: Database, workdir: Path, pool: PoolSettings) -> None:
+        super().__init__(database, workdir, pool)
+        self.instances = pool.workers
+        self.ini_paths = [workdir / f"{self.name}-{i}.ini" for i in range(self.instances)]
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "workers": 1,
+                "default_pool_size": math.ceil(self.pool.pool_size / self.instances)}
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", SPLIT_LAUNCHER, *pgherd_command(), "--",
+                *map(str, self.ini_paths)]
+
+    def prepare(self) -> None:
+        super().prepare()
+        for i, path in enumerate(self.ini_paths):
+            sockets = self.workdir / f"s{i}"  # each service its own unix socket and log
+            sockets.mkdir()
+            path.write_text(render_ini(self.database.endpoint, {
+                **self.settings(), "unix_socket_dir": str(sockets),
+                "logfile": str(self.workdir / f"{self.name}-{i}.log")}))
 
 
 class PgbouncerTarget(PoolerTarget):
@@ -1151,7 +1209,7 @@ class Bench:
         )
 
     def _make_targets(self, database: Database, scratch: Path, pool: PoolSettings) -> list[Target]:
-        wanted = self.options.targets or TARGETS
+        wanted = self.options.targets or DEFAULT_TARGETS
         targets: list[Target] = []
         if "direct" in wanted:
             targets.append(Target(database))
@@ -1165,6 +1223,8 @@ class Bench:
             else:
                 self.versions.pgbouncer = command_version([binary, "--version"])
                 targets.append(PgbouncerTarget(binary, database, scratch / "pgbouncer", pool))
+        if "pgherd-split" in wanted:
+            targets.append(SplitPgherdTarget(database, scratch / "pgherd-split", pool))
         return targets
 
     def _start(self, targets: list[Target]) -> None:

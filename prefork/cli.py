@@ -179,7 +179,8 @@ def _targets(ctx: click.Context, param: click.Parameter,
               help="pool_mode  [default: the config's, else transaction]")
 @click.option("--connect", "-C", is_flag=True, help="a new connection per transaction (-C)")
 @click.option("--targets", callback=_targets, metavar="LIST",
-              help="comma list of direct,pgherd,pgbouncer  [default: all available]")
+              help="comma list of direct,pgherd,pgbouncer,pgherd-split (per-worker pools: "
+                   "what sharing costs)  [default: direct,pgherd,pgbouncer if installed]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="results file  [default: bench-results/bench-<UTC time>.json]")
 def bench_command(throwaway: bool, dsn: str | None, config_path: str | None, workload: str,

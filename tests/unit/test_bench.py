@@ -245,6 +245,9 @@ def test_ratio_lines_need_both_poolers_per_mode() -> None:
     assert ratio_lines(runs) == [
         "pgherd/PgBouncer (select-only, simple): tps 0.70x, CPU/xact 1.54x"]
     assert ratio_lines(runs[:2]) == []
+    split = [run("pgherd", 16150, 24.9), run("pgherd-split", 17000, 23.4)]
+    assert ratio_lines(split) == [
+        "pgherd/pgherd-split (select-only, simple): tps 0.95x, CPU/xact 1.06x"]
 
 
 def test_run_ok() -> None:
@@ -258,6 +261,7 @@ def test_run_ok() -> None:
 
 def test_parse_targets() -> None:
     assert parse_targets("direct, pgherd,direct") == ("direct", "pgherd")
+    assert parse_targets("pgherd,pgherd-split") == ("pgherd", "pgherd-split")
     with pytest.raises(ValueError, match="pgpool"):
         parse_targets("pgherd,pgpool")
     with pytest.raises(ValueError):
@@ -304,15 +308,16 @@ def test_bench_throwaway_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     prefix = f"pgherd-bench-test{os.getpid()}-"  # tell our scratch dir from other benches'
     monkeypatch.setattr(bench, "SCRATCH_PREFIX", prefix)
     out = tmp_path / "bench.json"
+    pgbouncer = ["pgbouncer"] if shutil.which("pgbouncer") or os.access(
+        "/usr/sbin/pgbouncer", os.X_OK) else []
+    expected = ["direct", "pgherd"] + pgbouncer + ["pgherd-split"]
     options = BenchOptions(workloads=("select-only",), clients=4, jobs=1, duration=3, scale=1,
-                           json_path=str(out))
+                           targets=tuple(expected), json_path=str(out))
     code = main(options, throwaway=True)
     printed = capsys.readouterr()
     assert code == 0, printed.err
 
     report = json.loads(out.read_text())
-    expected = ["direct", "pgherd"] + (["pgbouncer"] if shutil.which("pgbouncer") or os.access(
-        "/usr/sbin/pgbouncer", os.X_OK) else [])
     assert report["targets"] == expected
     assert [r["target"] for r in report["runs"]] == expected
     for r in report["runs"]:
