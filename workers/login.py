@@ -218,6 +218,8 @@ class Login:
                 if reader.buf:
                     raise Refused("received unencrypted data after SSL request")
                 send_all(sock, b"N", self.deadline)  # one byte into an empty buffer
+                if not can_wait:
+                    return None  # its startup packet comes only after our answer: no recv now
                 continue
             if code == proto.CANCEL_REQUEST_CODE:
                 self._stop_watching()
