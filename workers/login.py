@@ -625,10 +625,10 @@ def forward_cancel(worker: Worker, server: Server,
     """Greenlet: send a CancelRequest for ``server``'s backend over a new connection.
 
     Until PostgreSQL has closed that connection (it has then signalled the backend) the
-    server is not reused (see ``Pool.release``), and the client's own cancel connection,
-    ``request``, stays open: like PostgreSQL, pgherd answers a cancel when it is done."""
+    server is not reused (see ``Pool.release``; the spawner counts it in ``server.cancels``
+    at once, before this runs), and the client's own cancel connection, ``request``, stays
+    open: like PostgreSQL, pgherd answers a cancel when it is done."""
     deadline = _monotonic() + (worker.settings.server_connect_timeout or 15)
-    server.cancels += 1
     try:
         sock = connect(server.target, deadline)
     except (OSError, LoginTimeout) as exc:

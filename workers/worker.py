@@ -304,6 +304,7 @@ class Worker:
 
     def cancel_server(self, server: Server, request: socket.socket | None = None) -> None:
         """Cancel what ``server``'s backend runs now (in the background; never fails)."""
+        server.cancels += 1  # now: the query may end before the greenlet runs
         gevent.spawn(forward_cancel, self, server, request)
 
     # ------------------------------------------------------------------ accepting
