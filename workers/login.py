@@ -66,24 +66,30 @@ class LoginFailed(Exception):
 # --------------------------------------------------------------------------- cooperative I/O
 
 
+def _receive(sock: socket.socket, reader: MessageReader) -> bool:
+    """Feed ``reader`` what the socket has now; False if it has nothing yet."""
+    try:
+        data = sock.recv(16384)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        raise ClientGone(exc.strerror) from exc
+    if not data:
+        raise ClientGone("unexpected eof")
+    reader.feed(data)
+    return True
+
+
 def read_message(sock: socket.socket, reader: MessageReader, deadline: float) -> tuple[int, bytes]:
     while True:
         msg = reader.next()
         if msg is not None:
             return msg
-        try:
-            data = sock.recv(16384)
-        except (BlockingIOError, InterruptedError):
+        if not _receive(sock, reader):
             remaining = deadline - _monotonic()
             if remaining <= 0:
                 raise LoginTimeout()
             wait_read(sock.fileno(), timeout=remaining, timeout_exc=LoginTimeout())
-            continue
-        except OSError as exc:
-            raise ClientGone(exc.strerror) from exc
-        if not data:
-            raise ClientGone("unexpected eof")
-        reader.feed(data)
 
 
 def send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
@@ -321,17 +327,8 @@ class Login:
 def _read_available(sock: socket.socket, reader: MessageReader) -> tuple[int, bytes] | None:
     """The next complete packet from what the socket has now; None if it has not."""
     msg = reader.next()
-    if msg is not None:
+    if msg is not None or not _receive(sock, reader):
         return msg
-    try:
-        data = sock.recv(16384)
-    except (BlockingIOError, InterruptedError):
-        return None
-    except OSError as exc:
-        raise ClientGone(exc.strerror) from exc
-    if not data:
-        raise ClientGone("unexpected eof")
-    reader.feed(data)
     return reader.next()
 
 
