@@ -238,10 +238,12 @@ class Client(Conn):
             # A header cut by the chunk could start a named Parse: never forward half of it.
             data = self.held + bytes(data[: n - len(fs.head)])
             self.held = fs.head
+        if self.pending is not None:
+            # Still waiting, unlinked or linked to a server still being checked or aligned:
+            # what comes meanwhile queues behind what is parked, never overtakes it.
+            self._park_more(data, synced)
+            return
         if server is None:
-            if self.pending is not None:  # still waiting: what comes meanwhile waits too
-                self._park_more(data, synced)
-                return
             self.request_time = now
             server = self.pool.assign(self)
             if server is None:
@@ -282,10 +284,10 @@ class Client(Conn):
     def _relay_statements(self, data: bytes) -> None:
         server = self.server
         now = _monotonic()
+        if self.pending is not None:  # parked: see _relay
+            self._park_more(data, 0)
+            return
         if server is None:
-            if self.pending is not None:
-                self._park_more(data, 0)
-                return
             self.request_time = now
             server = self.pool.assign(self)
             if server is None:

@@ -1,0 +1,38 @@
+"""The client's and the server's byte streams stay intact and complete through pgherd: a
+request read in pieces while its client waits for a server, a cancel in the middle of an
+unsynced batch, a server that dies with a FATAL, a client that leaves before its startup
+packet (issue 12, items 1, 2, 6, 7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import wire
+from tests.helpers import wait_for
+
+BIG = 300 * 1024
+
+
+def _big_query(tag: str) -> bytes:
+    """One Query message of about 300 KB: a client's socket delivers it in several reads."""
+    return wire.query("SELECT '%s' || length('%s')" % (tag, "x" * BIG))
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_request_read_in_pieces_while_the_server_is_checked(pgherd, pg, mode):
+    """The rest of a request that arrives while its server runs the health check (or a
+    parameter SET) waits behind the part already parked, instead of overtaking it."""
+    # A check that takes a while holds the link open long enough for the rest to arrive.
+    h = pgherd(settings={"pool_mode": mode, "server_check_delay": 0,
+                         "server_check_query": "SELECT pg_sleep(0.3)"}, workers=1)
+    offset = pg.log_size()
+    with wire.RawClient(h.host, h.port) as c:
+        c.login("postgres", "p0", client_encoding="utf-8")  # a SET runs at the link too
+        msg = _big_query("a")
+        c.send(msg[:1000])
+        c.send(msg[1000:])
+        msgs = c.read_until_ready()
+        assert wire.errors_in(msgs) == []
+        assert wire.data_rows(msgs) == [["a%d" % BIG]]
+        assert wire.data_rows(c.simple("SELECT 1")) == [["1"]]
+    assert "invalid frontend message type" not in pg.log(offset)
