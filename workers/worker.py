@@ -293,8 +293,11 @@ class Worker:
             return
         if client is None:
             log.info("cancel request for unknown key, ignored")
-        elif server is None or server.expect <= 0 or server.internal is not None:
-            # PgBouncer: never cancel whatever a reused server may be running by now.
+        elif (server is None or server.internal is not None
+              or (server.expect <= 0 and not client.fs.ext_open)):
+            # PgBouncer: never cancel whatever a reused server may be running by now. A
+            # server is this client's while it owes a ReadyForQuery or extended-protocol
+            # messages wait for their Sync (a batch ended by Flush runs without one).
             log.info("%s cancel request for idle client, ignored", client.label())
         else:
             self.cancel_server(server, request)

@@ -36,3 +36,25 @@ def test_request_read_in_pieces_while_the_server_is_checked(pgherd, pg, mode):
         assert wire.data_rows(msgs) == [["a%d" % BIG]]
         assert wire.data_rows(c.simple("SELECT 1")) == [["1"]]
     assert "invalid frontend message type" not in pg.log(offset)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_cancel_lands_inside_an_unsynced_batch(pgherd, pg, mode):
+    """Extended-protocol messages ended by a Flush, no Sync yet (asyncpg's executemany while
+    it waits to send the rest): the server is busy for this client, and a cancel must reach
+    it as it does directly -- not be dropped as "for idle client"."""
+    h = pgherd(settings={"pool_mode": mode}, workers=2)
+    with wire.RawClient(h.host, h.port) as c:
+        welcome = c.login("postgres", "p0", application_name="unsynced-%s" % mode)
+        key = next(body for t, body in welcome if t == b"K")
+        c.send(wire.parse("SELECT pg_sleep(5)") + wire.bind() + wire.execute() + wire.FLUSH)
+        wait_for(lambda: pg.sql("SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND "
+                                "application_name = 'unsynced-%s'" % mode))
+        with wire.RawClient(h.host, h.port) as cancel:
+            cancel.send(wire.untyped(wire.CANCEL_REQUEST, key))
+            assert cancel.read_until_eof() == []
+        msgs = c.read_types(b"1", b"2", b"E")
+        assert wire.parse_fields(msgs[-1][1])["C"] == "57014"  # query_canceled
+        c.send(wire.SYNC)
+        assert c.read_until_ready()[-1] == (b"Z", b"I")
+    assert "cancel request for idle client" not in h.log()
