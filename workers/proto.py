@@ -489,14 +489,17 @@ class BackendScanner(_Scanner):
     whether the server is in COPY IN after everything seen so far.
     """
 
-    __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in", "copy_open", "discarded")
+    __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in", "copy_open", "discarded",
+                 "fatal")
 
-    WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS))
-    REPORT = frozenset((B_READY, B_PARAMETER_STATUS, B_COPY_IN))
+    # ErrorResponse bodies are read for their severity only (errors are not the hot path).
+    WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS, B_ERROR))
+    REPORT = frozenset((B_READY, B_PARAMETER_STATUS, B_COPY_IN, B_ERROR))
 
     def __init__(self) -> None:
         super().__init__()
         self.discarded = False
+        self.fatal = False  # a FATAL or PANIC went by: the server is ending the session
         self.rfq = 0
         self.rfq_idle = 0
         self.status = 73  # 'I'
@@ -529,10 +532,24 @@ class BackendScanner(_Scanner):
         elif mtype == B_COPY_IN:
             self.copy_in += 1
             self.copy_open = True
+        elif mtype == B_ERROR:
+            if end >= 0 and error_severity(buf, start, end) in (b"FATAL", b"PANIC"):
+                self.fatal = True
         elif mtype == B_COMMAND_COMPLETE and end >= 0:
             tag = bytes(buf[start : start + 14])
             if tag.startswith(b"DISCARD ALL") or tag.startswith(b"DEALLOCATE ALL"):
                 self.discarded = True
+
+
+def error_severity(buf, start: int, end: int) -> bytes:
+    """The severity of an ErrorResponse body in ``buf[start:end]``: its non-localized 'V'
+    field, else 'S' (servers before 9.6)."""
+    fields = bytes(buf[start:end]).split(b"\x00")
+    for tag in (b"V", b"S"):
+        for field in fields:
+            if field[:1] == tag:
+                return field[1:]
+    return b""
 
 
 _REPORT_WITH_COMPLETE = BackendScanner.REPORT | {B_COMMAND_COMPLETE}

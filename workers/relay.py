@@ -639,7 +639,8 @@ class Server(Conn):
             self.gone()
         if client is not None:
             client.server = None
-            client.disconnect(reason, error=client_error or reason)
+            # After the server's own FATAL (passed on already), a second one would be a lie.
+            client.disconnect(reason, error=None if self.bs.fatal else client_error or reason)
 
     def _on_closing(self) -> None:
         try:

@@ -58,3 +58,14 @@ def test_cancel_lands_inside_an_unsynced_batch(pgherd, pg, mode):
         c.send(wire.SYNC)
         assert c.read_until_ready()[-1] == (b"Z", b"I")
     assert "cancel request for idle client" not in h.log()
+def test_one_fatal_for_a_terminated_backend(pgherd, pg):
+    """PostgreSQL's own FATAL (57P01) is the client's last word; no second one from pgherd."""
+    h = pgherd(settings={"pool_mode": "session"}, workers=1)
+    with wire.RawClient(h.host, h.port) as c:
+        c.login("postgres", "p0", application_name="to-terminate")
+        assert wire.data_rows(c.simple("SELECT 1")) == [["1"]]
+        pid = wait_for(lambda: pg.sql("SELECT pid FROM pg_stat_activity "
+                                      "WHERE application_name = 'to-terminate'"))[0][0]
+        pg.sql("SELECT pg_terminate_backend(%s)", params=[pid])
+        errors = wire.errors_in(c.read_until_eof())
+    assert [(e["S"], e["C"]) for e in errors] == [("FATAL", "57P01")], errors

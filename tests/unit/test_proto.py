@@ -41,6 +41,14 @@ def test_backend_scanner_counts_whatever_the_chunking(seed):
     assert (bs.rfq, bs.rfq_idle, bs.status) == (3, 1, ord("I"))
     assert bs.params == [("TimeZone", "Asia/Tokyo")]
     assert bs.at_boundary()
+    assert not bs.fatal  # an ERROR is not the end of the session
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_backend_scanner_notices_a_fatal_whatever_the_chunking(seed):
+    bs = BackendScanner()
+    feed_in_pieces(bs, REPLY + proto.error_response("terminating connection", "57P01"), seed)
+    assert bs.fatal
 
 
 def test_backend_scanner_reports_copy_in():
