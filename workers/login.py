@@ -41,7 +41,7 @@ class LoginTimeout(Exception):
 
 
 class ClientGone(Exception):
-    pass
+    """The client went away during login; the argument is the reason logged."""
 
 
 class Refused(Exception):
@@ -186,11 +186,13 @@ class Login:
             self._refuse(Refused("client_login_timeout"))
         except ProtocolError as exc:
             self._refuse(Refused("bad packet", log_text="bad packet: %s" % exc))
-        except ClientGone:
+        except ClientGone as exc:
             self._close()
             if self.worker.settings.log_disconnections:
-                log.info("%s: %s/%s@%s closing because: client unexpected eof", self.label,
-                         self.dbname, self.user, self.addr)
+                log.info("%s: %s/%s@%s closing because: %s", self.label, self.dbname,
+                         self.user, self.addr,
+                         "client close request" if exc.args == ("close request",)
+                         else "client unexpected eof")
         except Exception:  # a bug costs this login, never the worker or the admission count
             log.exception("%s: login failed", self.label)
             self._refuse(Refused("internal error"))
@@ -209,12 +211,14 @@ class Login:
         sock, reader, worker = self.sock, self.reader, self.worker
         while True:
             if can_wait:
-                _, body = read_message(sock, reader, self.deadline)
+                msg = read_message(sock, reader, self.deadline)
             else:
                 msg = _read_available(sock, reader)
                 if msg is None:
                     return None
-                body = msg[1]
+            mtype, body = msg
+            if mtype == proto.F_TERMINATE:
+                raise ClientGone("close request")
             code, params = proto.parse_startup(body)
             if code == proto.PROTOCOL_V3:
                 if reader.buf:

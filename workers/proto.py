@@ -96,9 +96,15 @@ class MessageReader:
         self.buf += data
 
     def next(self) -> tuple[int, bytes] | None:
-        """Return ``(type, body)`` of the next complete message or None; type is 0 for startup."""
+        """Return ``(type, body)`` of the next complete message or None; type is 0 for startup
+        packets (and F_TERMINATE for a Terminate sent instead of one)."""
         buf = self.buf
         if self.startup:
+            if buf[:5] == TERMINATE:
+                # A client may say goodbye before its startup packet (PgBouncer reads it as
+                # a typed message too): the caller closes without a word, as PostgreSQL does.
+                del buf[:5]
+                return F_TERMINATE, b""
             if len(buf) < 4:
                 return None
             (length,) = _LEN.unpack_from(buf, 0)

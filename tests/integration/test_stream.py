@@ -69,3 +69,12 @@ def test_one_fatal_for_a_terminated_backend(pgherd, pg):
         pg.sql("SELECT pg_terminate_backend(%s)", params=[pid])
         errors = wire.errors_in(c.read_until_eof())
     assert [(e["S"], e["C"]) for e in errors] == [("FATAL", "57P01")], errors
+
+
+def test_terminate_before_startup_closes_silently(pgherd):
+    """PostgreSQL (and PgBouncer) close without a word; no "bad packet"."""
+    h = pgherd(workers=1)
+    with wire.RawClient(h.host, h.port, timeout=5) as c:
+        c.send(wire.TERMINATE)
+        assert c.read_until_eof() == []
+    assert "bad packet" not in h.log()

@@ -148,6 +148,13 @@ def test_parse_startup_rejects_malformed(body):
         proto.parse_startup(body)
 
 
+def test_startup_reader_reads_a_terminate_sent_instead_of_a_startup_packet():
+    r = MessageReader(startup=True)
+    r.feed(proto.TERMINATE)
+    assert r.next() == (proto.F_TERMINATE, b"")
+    assert not r.buf
+
+
 def test_startup_reader_rejects_oversized_length():
     r = MessageReader(startup=True)
     r.feed(struct.pack("!I", 1 << 20) + b"x")
