@@ -7,15 +7,24 @@ transactions. So, for a client that uses them, pgherd rewrites its stream:
 * Parse "s1" becomes Parse of an internal name derived from the statement's text and
   parameter types (``PGHERD_<hash>`` — a hash, not a counter, so servers handed between
   workers keep meaning the same thing); if the server already has it, nothing is sent and a
-  ParseComplete is injected in its place in the reply stream.
+  ParseComplete is injected in its place in the reply stream. Clients preparing the same
+  text share one server statement.
 * Bind/Describe of "s1" name the internal statement; if this server lacks it, its Parse goes
   first and that Parse's ParseComplete is dropped from the reply.
-* Close of "s1" forgets the client's name and is answered here (CloseComplete injected).
+* Close of "s1" forgets the client's name and is answered here (CloseComplete injected); the
+  server keeps the statement for the other clients bound to it.
 * Each server keeps at most ``max_prepared_statements``, least recently used closed first.
+
+What a client sees in ``pg_prepared_statements`` in these modes: the statements of whichever
+server runs its transaction, under pgherd's ``PGHERD_`` names, its own and those other clients
+prepared there. In session mode nothing is rewritten: a client sees its own names.
 
 Replies are matched to requests with a queue per server (:class:`Expect` entries): which reply
 ends each request, and whether it is forwarded, dropped or synthesized. An ErrorResponse ends
-the current request and, in the extended protocol, every request up to the next Sync.
+the current request, and in the extended protocol the server skips every request up to the
+next Sync: those get no reply, and a Parse among them leaves neither a server statement nor a
+client name. Requests the client sends after such an error and before its Sync pass as they
+are (the server skips them too).
 
 Clients that never name a statement never come here: the relay's fast path only notices
 that one did (``FrontendScanner.named``).
@@ -37,9 +46,9 @@ if TYPE_CHECKING:
 _LEN = struct.Struct("!I")
 PARSE_COMPLETE = proto.message(b"1")
 CLOSE_COMPLETE = proto.message(b"3")
-
 FORWARD, DROP, INJECT = 0, 1, 2
 _ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, Notification: any time
+_ERROR, _READY = ord("E"), ord("Z")
 
 
 class StatementError(Exception):
@@ -47,23 +56,28 @@ class StatementError(Exception):
 
 
 class Expect:
-    """One request in flight: the reply types that end it and what to do with its replies."""
+    """One request in flight: the reply types that end it, what to do with its replies, and
+    what to undo if the server fails or skips it."""
 
-    __slots__ = ("ends", "action", "payload", "sync", "forget")
+    __slots__ = ("ends", "action", "payload", "sync", "forget", "name", "mapping", "created")
 
     def __init__(self, ends: bytes, action: int = FORWARD, payload: bytes = b"",
-                 sync: bool = False, forget: bytes = b"") -> None:
+                 sync: bool = False, forget: bytes = b"", name: bytes = b"",
+                 mapping: tuple | None = None, created: bool = False) -> None:
         self.ends = ends  # reply types that complete this request ('Z' for Sync/Query/FC)
         self.action = action
         self.payload = payload  # INJECT: the reply to synthesize
-        self.sync = sync  # an ErrorResponse skips requests up to one of these
+        self.sync = sync  # after an error the server skips requests up to one of these
         self.forget = forget  # a Parse: if it fails, the server does not have this name
+        self.name = name  # the client's statement name this request makes (Parse) or drops
+        self.mapping = mapping  # ... and what it maps to
+        self.created = created
 
 
 class ServerStatements:
     """What one server has prepared, and the queue of requests awaiting replies."""
 
-    __slots__ = ("prepared", "queue", "remaining", "head", "action")
+    __slots__ = ("prepared", "queue", "remaining", "head", "action", "skipping")
 
     def __init__(self, names: list[str] = ()) -> None:
         self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict(
@@ -72,6 +86,7 @@ class ServerStatements:
         self.remaining = 0  # bytes left of the reply message being forwarded or dropped
         self.head = b""
         self.action = FORWARD
+        self.skipping = False  # an error came back: the server ignores all until a Sync
 
     def names(self) -> list[str]:
         return [n.decode() for n in self.prepared]
@@ -102,7 +117,14 @@ def rewrite(client: Client, server: Server, data: bytes | memoryview) -> bytes:
         end = pos + 1 + length
         if end > n:
             break
-        _one(client, server, st, mtype, buf, pos, end, out)
+        if st.skipping:
+            # After an error, up to the client's Sync: the server ignores these, so do we.
+            out += buf[pos:end]
+            if mtype == proto.F_SYNC:
+                st.skipping = False
+                st.queue.append(Expect(b"Z", sync=True))
+        else:
+            _one(client, server, st, mtype, buf, pos, end, out)
         pos = end
     client.ps_partial = buf[pos:]
     return bytes(out)
@@ -122,39 +144,38 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
         if name in client.statements:
             raise StatementError("prepared statement name is already in use")
         ename = internal_name(statement)
-        parse = proto.message(b"P", ename + b"\x00" + statement)
-        client.statements[name] = (ename, parse)
+        mapping = (ename, proto.message(b"P", ename + b"\x00" + statement))
+        client.statements[name] = mapping
         stats.client_parse_count += 1
         if ename in st.prepared:
             st.prepared.move_to_end(ename)
-            queue.append(Expect(b"1", INJECT, PARSE_COMPLETE))
+            queue.append(Expect(b"1", INJECT, PARSE_COMPLETE, name=name, mapping=mapping,
+                                created=True))
         else:
-            _prepare(server, st, ename, parse, out, FORWARD)
+            _prepare(server, st, ename, mapping[1], out, FORWARD, name, mapping)
     elif mtype == proto.F_BIND:
         portal, _, rest = body.partition(b"\x00")
         name, _, rest = rest.partition(b"\x00")
-        if name:
-            ename = _ensure(client, server, st, name, out)
-            out += proto.message(b"B", portal + b"\x00" + ename + b"\x00" + rest)
-            stats.bind_count += 1
-        else:
+        if not name:
             out += buf[pos:end]
+            queue.append(Expect(b"2"))
+            return
+        stats.bind_count += 1
+        ename = _ensure(client, server, st, name, out)
+        out += proto.message(b"B", portal + b"\x00" + ename + b"\x00" + rest)
         queue.append(Expect(b"2"))
     elif mtype == proto.F_DESCRIBE:
-        if body[:1] == b"S" and len(body) > 2:
-            ename = _ensure(client, server, st, body[1:-1], out)
-            out += proto.message(b"D", b"S" + ename + b"\x00")
-        else:
+        if body[:1] != b"S" or len(body) <= 2:
             out += buf[pos:end]
+            queue.append(Expect(b"Tn"))
+            return
+        ename = _ensure(client, server, st, body[1:-1], out)
+        out += proto.message(b"D", b"S" + ename + b"\x00")
         queue.append(Expect(b"Tn"))
-    elif mtype == proto.F_CLOSE:
-        if body[:1] == b"S" and len(body) > 2:
-            # The server keeps it for whoever prepares the same statement next.
-            client.statements.pop(body[1:-1], None)
-            queue.append(Expect(b"3", INJECT, CLOSE_COMPLETE))
-        else:
-            out += buf[pos:end]
-            queue.append(Expect(b"3"))
+    elif mtype == proto.F_CLOSE and body[:1] == b"S" and len(body) > 2:
+        name = body[1:-1]
+        mapping = client.statements.pop(name, None)
+        queue.append(Expect(b"3", INJECT, CLOSE_COMPLETE, name=name, mapping=mapping))
     else:
         out += buf[pos:end]
         if mtype == proto.F_EXECUTE:
@@ -163,6 +184,8 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
             queue.append(Expect(b"Z", sync=True))
         elif mtype in (proto.F_QUERY, proto.F_FUNCTION_CALL):
             queue.append(Expect(b"Z"))
+        elif mtype == proto.F_CLOSE:  # of a portal
+            queue.append(Expect(b"3"))
         # Flush, CopyData/Done/Fail, Terminate: no reply of their own.
 
 
@@ -181,24 +204,35 @@ def _ensure(client: Client, server: Server, st: ServerStatements, name: bytes,
 
 
 def _prepare(server: Server, st: ServerStatements, ename: bytes, parse: bytes,
-             out: bytearray, action: int) -> None:
+             out: bytearray, action: int, name: bytes = b"",
+             mapping: tuple | None = None) -> None:
     limit = server.worker.settings.max_prepared_statements
     while len(st.prepared) >= limit:
         old, _ = st.prepared.popitem(last=False)
-        out += proto.message(b"C", b"S" + old + b"\x00")
+        out += _close(old)
         st.queue.append(Expect(b"3", DROP))
+    # Whatever the server may still have under this name (pgherd forgets a statement sooner
+    # than a server does), the Parse makes it anew.
+    out += _close(ename)
+    st.queue.append(Expect(b"3", DROP))
     out += parse
     if not st.prepared:
         server.bs.watch_discard(True)
     st.prepared[ename] = None
-    st.queue.append(Expect(b"1", action, forget=ename))
+    st.queue.append(Expect(b"1", action, forget=ename, name=name, mapping=mapping,
+                           created=True))
     server.pool.stats.server_parse_count += 1
+
+
+def _close(ename: bytes) -> bytes:
+    return proto.message(b"C", b"S" + ename + b"\x00")
 
 
 # --------------------------------------------------------------------------- server -> client
 
 
-def filter_replies(st: ServerStatements, buf: bytearray | memoryview, n: int) -> bytes:
+def filter_replies(st: ServerStatements, client: Client, buf: bytearray | memoryview,
+                   n: int) -> bytes:
     """The server's reply chunk as the client must see it: our own Parses' and Closes'
     completions dropped, the completions of skipped Parses and Closes put in their place."""
     out = bytearray()
@@ -221,8 +255,7 @@ def filter_replies(st: ServerStatements, buf: bytearray | memoryview, n: int) ->
         else:
             header = bytes(buf[pos : pos + 5])
             pos += 5
-        mtype = header[0]
-        st.action = _reply(st, mtype, out)
+        st.action = _reply(st, client, header[0], out)
         if st.action != DROP:
             out += header
         st.remaining = _LEN.unpack_from(header, 1)[0] - 4
@@ -230,7 +263,7 @@ def filter_replies(st: ServerStatements, buf: bytearray | memoryview, n: int) ->
     return bytes(out)
 
 
-def _reply(st: ServerStatements, mtype: int, out: bytearray) -> int:
+def _reply(st: ServerStatements, client: Client, mtype: int, out: bytearray) -> int:
     """What to do with a reply of ``mtype``; advances the queue (injections come first)."""
     if mtype in _ASYNC:
         return FORWARD
@@ -239,19 +272,36 @@ def _reply(st: ServerStatements, mtype: int, out: bytearray) -> int:
     if not queue:
         return FORWARD
     head = queue[0]
-    if mtype == 69 and head.ends != b"Z":  # ErrorResponse in the extended protocol
-        queue.popleft()
-        if head.forget:
-            st.prepared.pop(head.forget, None)
+    if mtype == _ERROR and head.ends != b"Z":  # in the extended protocol
+        _undo(queue.popleft(), st, client)
         # The server skips everything up to the next Sync: none of it gets a reply.
         while queue and not queue[0].sync:
-            skipped = queue.popleft()
-            if skipped.forget:
-                st.prepared.pop(skipped.forget, None)
+            _undo(queue.popleft(), st, client)
+        if not queue:
+            st.skipping = True  # the client's Sync is yet to come
         return FORWARD  # even for a Parse of ours: the client must learn why it failed
+    if mtype == _READY:
+        # Whatever is still queued before the request this ends was skipped after an error.
+        while queue and queue[0].ends != b"Z":
+            _undo(queue.popleft(), st, client)
+        if queue:
+            queue.popleft()
+        return FORWARD
     if mtype in head.ends:
         queue.popleft()
     return head.action if head.action != INJECT else FORWARD
+
+
+def _undo(entry: Expect, st: ServerStatements, client: Client) -> None:
+    """The server failed or skipped this request: what it would have made does not exist."""
+    if entry.forget:
+        st.prepared.pop(entry.forget, None)
+    if entry.name:
+        if entry.created:
+            if client.statements.get(entry.name) is entry.mapping:
+                del client.statements[entry.name]
+        elif entry.mapping is not None:  # a Close the server skipped: the name lives on
+            client.statements.setdefault(entry.name, entry.mapping)
 
 
 def _inject(st: ServerStatements, out: bytearray) -> None:

@@ -497,7 +497,8 @@ class Server(Conn):
         stats = self.pool.stats
         stats.sent_bytes += n
         # A client with named statements sees the replies as if it had its own server.
-        data = prepared.filter_replies(self.statements, _BUF, n) if client.ps_mode else _MV[:n]
+        data = (prepared.filter_replies(self.statements, client, _BUF, n) if client.ps_mode
+                else _MV[:n])
         if not z:
             client.write(data)
             return

@@ -12,7 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.wire import RawClient, errors_in, message, parse
+from tests.wire import FLUSH, RawClient, bind, errors_in, execute, message, parse
 
 TXN_ONE = {"pool_mode": "transaction", "default_pool_size": 1}
 
@@ -128,3 +128,52 @@ def test_pipeline_with_named_statements_and_an_error(pgherd, mode):
                     conn.execute("SELECT %s::int / 0", (1,))
             c3 = conn.execute("SELECT %s::int + 1", (2,))
         assert c1.fetchone() == (1,) and c3.fetchone() == (3,)
+
+
+# --------------------------------------------------------------------------- issue 12
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("query", ["wat (%s, %s)", "insert into nosuchtable values (%s, %s)"])
+def test_failed_parse_in_a_pipeline_does_not_hang(pgherd, query):
+    """psycopg's executemany pipelines a named Parse, Binds and one Sync: when the Parse
+    fails, the ReadyForQuery after the error must reach the client."""
+    h = pgherd(settings={"pool_mode": "transaction"}, workers=1)
+    with h.connect(prepare_threshold=0) as conn:
+        cur = conn.cursor()
+        for _ in range(2):
+            with pytest.raises(psycopg.errors.ProgrammingError):
+                cur.executemany(query, [(10, "hello"), (20, "world")])
+            assert conn.execute("SELECT %s::int", (7,)).fetchone() == (7,)
+
+
+@pytest.mark.parametrize("mode", ["transaction", "statement"])
+def test_requests_after_a_failed_parse_until_the_sync(pgherd, mode):
+    """A pipeline whose named Parse failed: what the client sends after the error, up to its
+    Sync, the server skips -- and its ReadyForQuery must still reach the client."""
+    h = pgherd(settings={"pool_mode": mode}, workers=1)
+    with RawClient(h.host, h.port) as c:
+        c.login("postgres", "p0")
+        c.send(parse("wat", "s1") + bind(statement="s1") + execute() + FLUSH)
+        assert errors_in(c.read_types(b"E"))[0]["C"] == "42601"
+        c.send(bind(statement="s1") + execute() + parse("SELECT 1", "s2") + message(b"S"))
+        assert c.read_types(b"Z") == [(b"Z", b"I")]
+        # the server has neither statement, and nor does the client
+        c.send(parse("SELECT 2", "s2") + bind(statement="s2") + execute() + message(b"S"))
+        assert [t for t, _ in c.read_until_ready()] == [b"1", b"2", b"D", b"C", b"Z"]
+
+
+def test_a_failed_parse_leaves_the_name_free(pgherd):
+    h = pgherd(settings={"pool_mode": "transaction"}, workers=1)
+    with RawClient(h.host, h.port) as c:
+        c.login("postgres", "p0")
+        c.send(parse("SELEKT 1", "s1") + message(b"S"))
+        msgs = c.read_until_ready()
+        assert [t for t, _ in msgs] == [b"E", b"Z"]
+        c.send(parse("SELECT 1", "s1") + message(b"S"))  # the name is free, as directly
+        assert [t for t, _ in c.read_until_ready()] == [b"1", b"Z"]
+        # and so is one whose Parse the server skipped after an earlier error
+        c.send(parse("SELEKT 2", "s2") + parse("SELECT 3", "s3") + message(b"S"))
+        assert [t for t, _ in c.read_until_ready()] == [b"E", b"Z"]
+        c.send(parse("SELECT 3", "s3") + message(b"S"))
+        assert [t for t, _ in c.read_until_ready()] == [b"1", b"Z"]
