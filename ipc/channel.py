@@ -81,6 +81,13 @@ class Cancel(msgspec.Struct, tag=True, array_like=True):
     key: int
 
 
+class StaleStatement(msgspec.Struct, tag=True, array_like=True):
+    """A server said a prepared statement no longer matches the schema: no worker prepares
+    that name again (``workers/prepared.py``)."""
+
+    name: str
+
+
 class Gather(msgspec.Struct, tag=True, array_like=True):
     """Admin console: send me your rows of ``what`` (CLIENTS, SERVERS, ...)."""
 
@@ -180,7 +187,7 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
 
 
 Message = Union[Handoff, ClientHandoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack,
-                Command, Reply]
+                Command, Reply, StaleStatement]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

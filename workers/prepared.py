@@ -15,6 +15,23 @@ transactions. So, for a client that uses them, pgherd rewrites its stream:
   server keeps the statement for the other clients bound to it.
 * Each server keeps at most ``max_prepared_statements``, least recently used closed first.
 
+Schema changes. A server statement prepared before an ALTER TABLE ... TYPE (or whose types
+were dropped and made again) fails at Bind: "cached plan must not change result type"
+(0A000), or "cache lookup failed for ..." (XX000). Directly, a client then Closes it and
+prepares the text again (asyncpg does so by itself) and gets a fresh statement. Through
+pgherd the text must then not map to the stale name any more, on any server, in any worker:
+
+* Such an error makes the name *stale* in every worker (:class:`Versions`, the other workers
+  are told with a ``StaleStatement``): new Parses of the text get a new versioned name
+  (``PGHERD_<hash>_<random>``), prepared afresh on every server.
+* A client still bound to a stale name meets, on a server that lacks it, the error it would
+  meet on its own backend directly — pgherd does not prepare it again there, which would
+  silently change the statement's result under the client (PgBouncer does). The server
+  fails in place of the Bind (a DO block raising 0A000), so a transaction fails just as it
+  would, and the client gets PostgreSQL's own wording of that error.
+* A client's own Close makes its next Parse of the text (in this worker) a fresh statement
+  too, as it is directly; other clients keep theirs.
+
 What a client sees in ``pg_prepared_statements`` in these modes: the statements of whichever
 server runs its transaction, under pgherd's ``PGHERD_`` names, its own and those other clients
 prepared there. In session mode nothing is rewritten: a client sees its own names.
@@ -34,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import struct
 from typing import TYPE_CHECKING
 
@@ -46,9 +64,23 @@ if TYPE_CHECKING:
 _LEN = struct.Struct("!I")
 PARSE_COMPLETE = proto.message(b"1")
 CLOSE_COMPLETE = proto.message(b"3")
-FORWARD, DROP, INJECT = 0, 1, 2
+FORWARD, DROP, INJECT, STALE = 0, 1, 2, 3  # STALE: its error is replaced by STALE_ERROR
 _ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, Notification: any time
 _ERROR, _READY = ord("E"), ord("Z")
+_PREFIX = b"PGHERD_"
+_BASE_LEN = len(_PREFIX) + 20  # a versioned name adds "_" and 8 hex digits
+#: In place of a Bind of a stale statement: the server fails as it would on the client's own
+#: backend (so a transaction fails too), and its error reaches the client as PostgreSQL words
+#: it when it finds a statement's result changed (asyncpg knows it by its routine field).
+STALE_PLAN = (
+    proto.message(b"P", b"\x00DO $pgherd$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
+                  b"MESSAGE = 'cached plan must not change result type'; END$pgherd$\x00\x00\x00")
+    + proto.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+    + proto.message(b"E", b"\x00\x00\x00\x00\x00"))
+STALE_ERROR = proto.message(b"E", b"SERROR\x00VERROR\x00C0A000\x00"
+                            b"Mcached plan must not change result type\x00"
+                            b"Fplancache.c\x00RRevalidateCachedQuery\x00\x00")
+VERSIONS_KEPT = 10000
 
 
 class StatementError(Exception):
@@ -59,11 +91,13 @@ class Expect:
     """One request in flight: the reply types that end it, what to do with its replies, and
     what to undo if the server fails or skips it."""
 
-    __slots__ = ("ends", "action", "payload", "sync", "forget", "name", "mapping", "created")
+    __slots__ = ("ends", "action", "payload", "sync", "forget", "name", "mapping", "created",
+                 "bound")
 
     def __init__(self, ends: bytes, action: int = FORWARD, payload: bytes = b"",
                  sync: bool = False, forget: bytes = b"", name: bytes = b"",
-                 mapping: tuple | None = None, created: bool = False) -> None:
+                 mapping: tuple | None = None, created: bool = False,
+                 bound: bytes = b"") -> None:
         self.ends = ends  # reply types that complete this request ('Z' for Sync/Query/FC)
         self.action = action
         self.payload = payload  # INJECT: the reply to synthesize
@@ -72,12 +106,14 @@ class Expect:
         self.name = name  # the client's statement name this request makes (Parse) or drops
         self.mapping = mapping  # ... and what it maps to
         self.created = created
+        self.bound = bound  # a Bind/Describe of this statement: its error may say it is stale
 
 
 class ServerStatements:
     """What one server has prepared, and the queue of requests awaiting replies."""
 
-    __slots__ = ("prepared", "queue", "remaining", "head", "action", "skipping")
+    __slots__ = ("prepared", "queue", "remaining", "head", "action", "skipping", "error",
+                 "error_for")
 
     def __init__(self, names: list[str] = ()) -> None:
         self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict(
@@ -87,14 +123,54 @@ class ServerStatements:
         self.head = b""
         self.action = FORWARD
         self.skipping = False  # an error came back: the server ignores all until a Sync
+        self.error: bytearray | None = None  # the body of an error to a Bind, being read
+        self.error_for = b""
 
     def names(self) -> list[str]:
         return [n.decode() for n in self.prepared]
 
 
+class Versions:
+    """One worker's view of which server-side name each statement text has now."""
+
+    __slots__ = ("current", "stale")
+
+    def __init__(self) -> None:
+        self.current: dict[bytes, bytes] = {}  # base name -> versioned name (if renewed)
+        self.stale: dict[bytes, None] = {}  # names never to prepare again (ordered: trimmed)
+
+    def name_of(self, statement: bytes) -> bytes:
+        base = internal_name(statement)
+        return self.current.get(base, base)
+
+    def renew(self, ename: bytes) -> None:
+        """From now on new Parses of this statement's text get a name of their own."""
+        base = ename[:_BASE_LEN]
+        if self.current.get(base, base) == ename:
+            self.current[base] = base + b"_" + os.urandom(4).hex().encode()
+            _trim(self.current)
+
+    def mark_stale(self, ename: bytes) -> None:
+        self.renew(ename)
+        self.stale[ename] = None
+        _trim(self.stale)
+
+
+def _trim(d: dict) -> None:
+    while len(d) > VERSIONS_KEPT:
+        del d[next(iter(d))]
+
+
 def internal_name(statement: bytes) -> bytes:
     """The server-side name of a statement: its text and parameter types, hashed."""
-    return b"PGHERD_" + hashlib.blake2b(statement, digest_size=10).hexdigest().encode()
+    return _PREFIX + hashlib.blake2b(statement, digest_size=10).hexdigest().encode()
+
+
+def is_stale_error(fields: dict[str, str]) -> bool:
+    """The server's error to a Bind says the statement no longer matches the schema."""
+    code, text = fields.get("C"), fields.get("M", "")
+    return ((code == "0A000" and text == "cached plan must not change result type")
+            or (code == "XX000" and text.startswith("cache lookup failed for ")))
 
 
 # --------------------------------------------------------------------------- client -> server
@@ -143,7 +219,7 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
             return
         if name in client.statements:
             raise StatementError("prepared statement name is already in use")
-        ename = internal_name(statement)
+        ename = client.worker.statement_versions.name_of(statement)
         mapping = (ename, proto.message(b"P", ename + b"\x00" + statement))
         client.statements[name] = mapping
         stats.client_parse_count += 1
@@ -162,19 +238,27 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
             return
         stats.bind_count += 1
         ename = _ensure(client, server, st, name, out)
+        if ename is None:
+            _stale_plan(st, out)
+            return
         out += proto.message(b"B", portal + b"\x00" + ename + b"\x00" + rest)
-        queue.append(Expect(b"2"))
+        queue.append(Expect(b"2", bound=ename))
     elif mtype == proto.F_DESCRIBE:
         if body[:1] != b"S" or len(body) <= 2:
             out += buf[pos:end]
             queue.append(Expect(b"Tn"))
             return
         ename = _ensure(client, server, st, body[1:-1], out)
+        if ename is None:
+            _stale_plan(st, out)
+            return
         out += proto.message(b"D", b"S" + ename + b"\x00")
-        queue.append(Expect(b"Tn"))
+        queue.append(Expect(b"Tn", bound=ename))
     elif mtype == proto.F_CLOSE and body[:1] == b"S" and len(body) > 2:
         name = body[1:-1]
         mapping = client.statements.pop(name, None)
+        if mapping is not None:  # its next Parse of the text is a fresh statement
+            client.worker.statement_versions.renew(mapping[0])
         queue.append(Expect(b"3", INJECT, CLOSE_COMPLETE, name=name, mapping=mapping))
     else:
         out += buf[pos:end]
@@ -190,17 +274,25 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
 
 
 def _ensure(client: Client, server: Server, st: ServerStatements, name: bytes,
-            out: bytearray) -> bytes:
-    """The internal name of the client's statement, prepared on this server first if need be."""
+            out: bytearray) -> bytes | None:
+    """The internal name of the client's statement, prepared on this server first if need
+    be; None if it is stale and this server lacks it."""
     known = client.statements.get(name)
     if known is None:
         raise StatementError("prepared statement did not exist")
     ename, parse = known
     if ename in st.prepared:
         st.prepared.move_to_end(ename)
+    elif ename in client.worker.statement_versions.stale:
+        return None
     else:
         _prepare(server, st, ename, parse, out, DROP)
     return ename
+
+
+def _stale_plan(st: ServerStatements, out: bytearray) -> None:
+    out += STALE_PLAN
+    st.queue.extend((Expect(b"1", DROP), Expect(b"2", DROP), Expect(b"CIsE", STALE)))
 
 
 def _prepare(server: Server, st: ServerStatements, ename: bytes, parse: bytes,
@@ -242,8 +334,12 @@ def filter_replies(st: ServerStatements, client: Client, buf: bytearray | memory
             take = min(st.remaining, n - pos)
             if st.action != DROP:
                 out += buf[pos : pos + take]
+            if st.error is not None:
+                st.error += buf[pos : pos + take]
             pos += take
             st.remaining -= take
+            if not st.remaining and st.error is not None:
+                _read_error(st, client)
             continue
         if st.head or n - pos < 5:
             take = min(5 - len(st.head), n - pos)
@@ -259,6 +355,8 @@ def filter_replies(st: ServerStatements, client: Client, buf: bytearray | memory
         if st.action != DROP:
             out += header
         st.remaining = _LEN.unpack_from(header, 1)[0] - 4
+        if not st.remaining and st.error is not None:
+            _read_error(st, client)
     _inject(st, out)
     return bytes(out)
 
@@ -273,12 +371,17 @@ def _reply(st: ServerStatements, client: Client, mtype: int, out: bytearray) -> 
         return FORWARD
     head = queue[0]
     if mtype == _ERROR and head.ends != b"Z":  # in the extended protocol
+        if head.bound:
+            st.error, st.error_for = bytearray(), head.bound
         _undo(queue.popleft(), st, client)
         # The server skips everything up to the next Sync: none of it gets a reply.
         while queue and not queue[0].sync:
             _undo(queue.popleft(), st, client)
         if not queue:
             st.skipping = True  # the client's Sync is yet to come
+        if head.action == STALE:
+            out += STALE_ERROR
+            return DROP
         return FORWARD  # even for a Parse of ours: the client must learn why it failed
     if mtype == _READY:
         # Whatever is still queued before the request this ends was skipped after an error.
@@ -302,6 +405,16 @@ def _undo(entry: Expect, st: ServerStatements, client: Client) -> None:
                 del client.statements[entry.name]
         elif entry.mapping is not None:  # a Close the server skipped: the name lives on
             client.statements.setdefault(entry.name, entry.mapping)
+
+
+def _read_error(st: ServerStatements, client: Client) -> None:
+    """An error to a Bind or Describe, read whole: does it say the statement is stale?"""
+    fields = proto.parse_fields(bytes(st.error))
+    ename = st.error_for
+    st.error, st.error_for = None, b""
+    if is_stale_error(fields):
+        st.prepared.pop(ename, None)
+        client.worker.statement_stale(ename)
 
 
 def _inject(st: ServerStatements, out: bytearray) -> None:

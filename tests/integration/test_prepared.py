@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import struct
 import subprocess
 import threading
 
@@ -12,7 +13,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.wire import FLUSH, RawClient, bind, errors_in, execute, message, parse
+from tests import wire
+from tests.wire import FLUSH, RawClient, bind, data_rows, errors_in, execute, message, parse
 
 TXN_ONE = {"pool_mode": "transaction", "default_pool_size": 1}
 
@@ -177,3 +179,90 @@ def test_a_failed_parse_leaves_the_name_free(pgherd):
         assert [t for t, _ in c.read_until_ready()] == [b"E", b"Z"]
         c.send(parse("SELECT 3", "s3") + message(b"S"))
         assert [t for t, _ in c.read_until_ready()] == [b"1", b"Z"]
+
+
+def test_asyncpg_sees_schema_changes_in_transaction_mode(pg, pgherd):
+    """After ALTER TABLE ... TYPE, asyncpg's re-prepared statement (Close, then Parse of the
+    same text under a new name) is a fresh server statement on every server and worker."""
+    pg.sql("DROP TABLE IF EXISTS altered")
+    pg.sql("CREATE TABLE altered (a int, b int)")
+    pg.sql("INSERT INTO altered VALUES (1, 2)")
+    h = pgherd(settings={"pool_mode": "transaction", "default_pool_size": 2}, workers=2)
+
+    async def main():
+        conns = [await asyncpg.connect(h.dsn()) for _ in range(4)]
+        try:
+            for conn in conns:
+                assert tuple(await conn.fetchrow("SELECT * FROM altered")) == (1, 2)
+            await conns[0].execute("ALTER TABLE altered ALTER COLUMN b SET DATA TYPE text")
+            for conn in conns:  # asyncpg re-prepares once, outside a transaction
+                assert tuple(await conn.fetchrow("SELECT * FROM altered")) == (1, "2")
+            await conns[0].execute("ALTER TABLE altered ALTER COLUMN b SET DATA TYPE int "
+                                   "USING b::int")
+            for conn in conns:  # inside one, the error reaches it; the next try works
+                with pytest.raises(asyncpg.InvalidCachedStatementError):
+                    async with conn.transaction():
+                        await conn.fetchrow("SELECT * FROM altered")
+                assert tuple(await conn.fetchrow("SELECT * FROM altered")) == (1, 2)
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    asyncio.run(main())
+
+
+def test_close_and_parse_again_prepares_afresh(pg, pgherd):
+    """A client's Close and a new Parse of the same text see the table as it is now."""
+    pg.sql("DROP TABLE IF EXISTS widened")
+    pg.sql("CREATE TABLE widened (a int)")
+    h = pgherd(settings={"pool_mode": "transaction", "default_pool_size": 1}, workers=1)
+
+    def columns(c, name):
+        c.send(parse("SELECT * FROM widened", name) + message(b"D", b"S" + name.encode() + b"\0")
+               + message(b"S"))
+        msgs = c.read_until_ready()
+        body = next(b for t, b in msgs if t == b"T")
+        return struct.unpack_from("!H", body)[0]
+
+    with RawClient(h.host, h.port) as a, RawClient(h.host, h.port) as b:
+        a.login("postgres", "p0")
+        b.login("postgres", "p0")
+        assert columns(a, "s1") == 1
+        pg.sql("ALTER TABLE widened ADD COLUMN b int")
+        a.send(message(b"C", b"Ss1\0") + message(b"S"))
+        assert [t for t, _ in a.read_until_ready()] == [b"3", b"Z"]
+        assert columns(a, "s1") == 2
+        assert columns(b, "other") == 2  # another client's first Parse of the text, too
+
+
+def test_a_stale_statement_fails_for_every_client_bound_to_it(pg, pgherd):
+    """Two clients share a statement; a schema change makes it stale. The first meets the
+    server's error; the second, whose server no longer has it, meets the same error (rather
+    than a statement prepared again behind its back with another result type) -- inside
+    its transaction, which fails as it would directly. Both prepare afresh afterwards."""
+    pg.sql("DROP TABLE IF EXISTS retyped")
+    pg.sql("CREATE TABLE retyped (a int)")
+    pg.sql("INSERT INTO retyped VALUES (1)")
+    h = pgherd(settings={"pool_mode": "transaction", "default_pool_size": 1}, workers=1)
+    select = parse("SELECT a FROM retyped", "s1")
+    run = bind(statement="s1") + execute() + message(b"S")
+    with RawClient(h.host, h.port) as a, RawClient(h.host, h.port) as b:
+        for c in (a, b):
+            c.login("postgres", "p0")
+            c.send(select + run)
+            assert data_rows(c.read_until_ready()) == [["1"]]
+        pg.sql("ALTER TABLE retyped ALTER COLUMN a SET DATA TYPE text")
+        a.send(run)
+        errors = errors_in(a.read_until_ready())
+        assert [(e["C"], e.get("R")) for e in errors] == [("0A000", "RevalidateCachedQuery")]
+        b.send(wire.query("BEGIN") + run)
+        msgs = b.read_until_ready() + b.read_until_ready()
+        assert [(e["C"], e.get("R")) for e in errors_in(msgs)] == [
+            ("0A000", "RevalidateCachedQuery")]
+        assert msgs[-1] == (b"Z", b"E")  # the transaction failed, as on its own backend
+        b.send(wire.query("ROLLBACK"))
+        b.read_until_ready()
+        for c in (a, b):
+            c.send(message(b"C", b"Ss1\0") + select + run)
+            msgs = c.read_until_ready()
+            assert [t for t, _ in msgs if t in b"E3"] == [b"3"] and data_rows(msgs) == [["1"]]
