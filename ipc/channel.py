@@ -43,6 +43,8 @@ class Handoff(msgspec.Struct, tag=True, array_like=True):
     close_needed: bool
     from_slot: int
     prepared: list[str] = []  # internal names of the statements it has prepared
+    extra: dict[str, str] = {}  # settings pgherd applied for its last client (startup.py)
+    startup: list[tuple[str, str]] = []  # client parameters of its startup packet
 
 
 class ClientHandoff(msgspec.Struct, tag=True, array_like=True):
@@ -61,6 +63,8 @@ class ClientHandoff(msgspec.Struct, tag=True, array_like=True):
     connect_time: float
     server: Handoff | None = None
     statements: list[tuple[bytes, bytes, bytes]] = []  # (name, internal name, Parse)
+    tracked: dict[str, str] = {}  # its startup parameters (workers/startup.py)
+    extra: dict[str, str] = {}
 
 
 class Want(msgspec.Struct, tag=True, array_like=True):
@@ -79,6 +83,7 @@ class Cancel(msgspec.Struct, tag=True, array_like=True):
 
     pid: int
     key: int
+    tried: int = 0  # a bit per worker slot that did not know the key (0: relayed by a drain)
 
 
 class StaleStatement(msgspec.Struct, tag=True, array_like=True):

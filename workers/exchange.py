@@ -139,7 +139,7 @@ class Exchange:
         return channel.Handoff(pool.dbname, pool.user, server.params, server.backend_pid,
                                server.backend_key, family, host, port, server.born,
                                server.connect_time, server.close_needed, self.slot,
-                               server.statements.names())
+                               server.statements.names(), server.extra, list(server.startup))
 
     def _on_handoff(self, m: channel.Handoff, fds: list[int]) -> None:
         server = self.receive_server(m, fds[0])
@@ -166,6 +166,8 @@ class Exchange:
         server.connect_time = m.connect_time
         server.close_needed = m.close_needed
         server.statements = prepared.ServerStatements(m.prepared)
+        server.extra = dict(m.extra)
+        server.startup = tuple(tuple(pair) for pair in m.startup)
         server.bs.watch_discard(bool(m.prepared))
         pool.servers.add(server)
         server.start()
@@ -206,10 +208,11 @@ class Exchange:
     # ------------------------------------------------------------------ cancel
 
     def relay_cancel(self, slot: int, pid: int, key: int,
-                     request: socket.socket | None = None) -> None:
-        """Pass a CancelRequest to the client's worker, with the connection it came on
-        (closed there when the cancel is done; closed here at once if the inbox is full)."""
-        message = channel.Cancel(pid, key)
+                     request: socket.socket | None = None, tried: int = 0) -> None:
+        """Pass a CancelRequest to another worker (the client's, or the next to ask: see
+        ``Worker.cancel``), with the connection it came on (closed there when the cancel is
+        done; closed here at once if the inbox is full)."""
+        message = channel.Cancel(pid, key, tried)
         if request is not None:
             sent = self.inboxes.send(slot, message, [request.fileno()])
             request.close()  # our descriptor; the other worker got its own
@@ -219,7 +222,10 @@ class Exchange:
 
     def _on_cancel(self, m: channel.Cancel, fds: list[int]) -> None:
         request = socket.socket(fileno=fds[0]) if fds else None
-        self.worker.cancel_local(m.pid, m.key, request)
+        if m.tried:
+            self.worker.cancel(m.pid, m.key, request, m.tried)
+        else:  # from a draining worker that knows where the client went
+            self.worker.cancel_local(m.pid, m.key, request)
 
     # ------------------------------------------------------------------ admin gathers
 

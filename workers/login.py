@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.socket import getaddrinfo, wait_read, wait_write
 
-from . import auth, proto
+from . import auth, proto, startup
 from .proto import MessageReader, ProtocolError
-from .relay import Client, Server
-from .varcache import parse_options
+from .relay import SESSION, Client, Server
 
 if TYPE_CHECKING:
     from prefork.config import Database
@@ -268,7 +267,10 @@ class Login:
             raise Refused("no such database: %s" % dbname)
         if worker.is_disabled(dbname):
             raise Refused('database "%s" is disabled' % dbname)
-        client_params = _client_params(worker, params)
+        try:
+            asked = startup.parse(worker, params)
+        except startup.StartupError as exc:
+            raise Refused(str(exc)) from None
         pool_user = db.user or user
         if not can_wait and (s.auth_type not in ("trust", "any")
                              or (db.name, pool_user) not in worker.pools):
@@ -277,21 +279,42 @@ class Login:
         pool = worker.pool_for(db, pool_user)
         if keys is not None and pool.scram_keys is None:
             pool.scram_keys = keys
-        if pool.welcome is None:
+        session = pool.mode == SESSION
+        if session:
+            cached = pool.cached_login_error()
+            if cached is not None:
+                fields = pool.login_error or {}
+                raise Refused(fields.get("M", cached), fields.get("C", "08P01"), log_text=cached)
+        elif pool.welcome is None:
             if not can_wait:
                 raise _Wait()
             _wait_welcome(pool, self.deadline)
-        client = Client(worker, sock, pool, {**pool.welcome_tracked, **client_params}, user,
-                        dbname, self.cid, self.peer, self.watcher)
+        tracked = None if session else startup.known(pool, asked)
+        client = Client(worker, sock, pool, {**pool.welcome_tracked, **(tracked or asked.tracked)},
+                        user, dbname, self.cid, self.peer, self.watcher)
         self.watcher = None
+        client.startup = asked
+        if not session:
+            client.extra = asked.extra
+        pool.stats.client_login_count += 1
+        worker.client_ready(client)
+        self.admitted = False  # the client owns its place now; Client.disconnect gives it back
+        if tracked is None:
+            # Its server first: in session mode the client's own (its pid, its parameters),
+            # else one that tries values this pool has not seen accepted. startup.greet ends
+            # the login once it is linked; meanwhile a hang-up is noticed.
+            client.greeting = auth_ok
+            client.pending = b""
+            client.request_time = _monotonic()
+            client.start()
+            if pool.assign(client) is not None:
+                client.resume()
+            return
         client.cancel_key = worker.new_cancel_key(client)
         # Everything the client waits for in one packet: AuthenticationOk, the server's
         # parameters (its own tracked values), BackendKeyData, ReadyForQuery.
         out = [auth_ok, pool.welcome_for(client.params),
                proto.backend_key_data(*client.cancel_key), proto.READY_IDLE]
-        pool.stats.client_login_count += 1
-        worker.client_ready(client)
-        self.admitted = False  # the client owns its place now; Client.disconnect gives it back
         client.start()
         client.write(b"".join(out))  # a fresh socket takes it; else the backlog does
 
@@ -356,39 +379,6 @@ def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str, dbnam
     sock.close()
     if worker.settings.log_pooler_errors:
         log.warning("%s: %s/%s pooler error: %s", label, dbname, user, exc.log_text)
-
-
-def _client_params(worker: Worker, params: dict[str, str]) -> dict[str, str]:
-    """The tracked values a client asked for; other startup parameters are refused."""
-    tracked = worker.tracked
-    ignored = {p.lower() for p in worker.settings.ignore_startup_parameters}
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        if key in ("user", "database"):
-            continue
-        name = tracked.canonical(key)
-        if name is not None:
-            out[name] = value
-        elif key == "options":
-            try:
-                pairs = parse_options(value)
-            except ValueError as exc:
-                if "options" in ignored:
-                    continue
-                raise Refused(str(exc)) from None
-            for okey, ovalue in pairs:
-                oname = tracked.canonical(okey)
-                if oname is not None:
-                    out[oname] = ovalue
-                elif okey.lower() not in ignored and "options" not in ignored:
-                    raise Refused("unsupported startup parameter in options: %s" % okey)
-        elif key.lower() in ignored or key.startswith("_pq_."):
-            continue
-        elif key == "replication":
-            raise Refused("replication connections are not supported yet")
-        else:
-            raise Refused("unsupported startup parameter: %s" % key)
-    return out
 
 
 def _wait_welcome(pool: Pool, deadline: float) -> None:
@@ -516,8 +506,9 @@ def connect(target: tuple, deadline: float) -> socket.socket:
     return sock
 
 
-def open_server(pool: Pool) -> Server:
-    """Connect and log in a new server connection for ``pool``; raises LoginFailed."""
+def open_server(pool: Pool, key: tuple = ()) -> Server:
+    """Connect and log in a new server connection for ``pool``, with a session-mode client's
+    startup parameters ``key`` (``startup.Startup.key``); raises LoginFailed."""
     worker = pool.worker
     db = pool.db
     deadline = _monotonic() + (worker.settings.server_connect_timeout or 1e9)
@@ -529,7 +520,7 @@ def open_server(pool: Pool) -> Server:
     except OSError as exc:
         raise LoginFailed("connect failed: %s" % exc.strerror) from None
     try:
-        params, pid, key = _server_startup(pool, sock, deadline)
+        params, pid, secret = _server_startup(pool, sock, deadline, key)
     except LoginTimeout:
         sock.close()
         raise LoginFailed("connect timeout") from None
@@ -539,26 +530,29 @@ def open_server(pool: Pool) -> Server:
     except LoginFailed:
         sock.close()
         raise
-    server = Server(worker, sock, pool, params, pid, key, target)
+    server = Server(worker, sock, pool, params, pid, secret, target)
+    server.startup = key
     if worker.settings.log_connections:
         log.info("S-%d: %s/%s@%s:%d new connection to server", server.id, pool.dbname,
                  pool.user, server.addr, server.port)
     return server
 
 
-def _server_startup(pool: Pool, sock: socket.socket,
-                    deadline: float) -> tuple[dict[str, str], int, int]:
+def _server_startup(pool: Pool, sock: socket.socket, deadline: float,
+                    key: tuple) -> tuple[dict[str, str], int, int]:
     db = pool.db
-    startup = {"user": pool.user, "database": db.dbname or db.name}
-    for key, name in (("client_encoding", "client_encoding"), ("datestyle", "DateStyle"),
-                      ("timezone", "TimeZone"), ("application_name", "application_name")):
-        value = getattr(db, key)
+    base = {}
+    for attr, name in (("client_encoding", "client_encoding"), ("datestyle", "DateStyle"),
+                       ("timezone", "TimeZone"), ("application_name", "application_name")):
+        value = getattr(db, attr)
         if value:
-            startup[name] = value
-    send_all(sock, proto.startup_message(startup), deadline)
+            base[name] = value
+    packet = {"user": pool.user, "database": db.dbname or db.name,
+              **startup.server_packet(base, key)}
+    send_all(sock, proto.startup_message(packet), deadline)
     reader = MessageReader()
     params: dict[str, str] = {}
-    pid = key = 0
+    pid = secret = 0
     scram: auth.ScramClient | None = None
     while True:
         mtype, body = read_message(sock, reader, deadline)
@@ -576,9 +570,9 @@ def _server_startup(pool: Pool, sock: socket.socket,
             name, value = proto.parse_parameter_status(body)
             params[name] = value
         elif mtype == proto.B_BACKEND_KEY:
-            pid, key = struct.unpack_from("!II", body, 0)
+            pid, secret = struct.unpack_from("!II", body, 0)
         elif mtype == proto.B_READY:
-            return params, pid, key
+            return params, pid, secret
         elif mtype == proto.B_ERROR:
             fields = proto.parse_fields(body)
             raise LoginFailed(fields.get("M", "server error"), fields)

@@ -7,9 +7,9 @@ at a transaction boundary — its socket with SCM_RIGHTS, its state in a
 server travels with it — and hands its idle servers over too. When nothing is left it exits
 and the master reaps it like any other worker. The client notices nothing.
 
-A moved client keeps its cancel key, whose top bits still name the old slot: a
-CancelRequest for it lands on the old worker (forwarded to where the client went, see
-:meth:`Drain.forward_cancel`) or, once that worker is gone, is offered to every worker.
+A moved client keeps its cancel key: a CancelRequest for it that lands on the old worker is
+forwarded to where the client went (:meth:`Drain.forward_cancel`); once that worker is gone,
+the workers pass it on until the one that knows the key serves it (``Worker.cancel``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import gevent
 
 from ipc import channel, shm
 
+from . import startup
 from .relay import SESSION, Client
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ class Drain:
             client.pool.dbname, client.pool.user, client.dbname, client.params,
             client.cancel_key[0], client.cancel_key[1], client.addr, client.port,
             client.connect_time, worker.exchange.describe(server) if server else None,
-            [(name, ename, parse) for name, (ename, parse) in client.statements.items()])
+            [(name, ename, parse) for name, (ename, parse) in client.statements.items()],
+            client.startup.tracked, client.startup.extra)
         fds = [client.fd] + ([server.fd] if server else [])
         if not worker.exchange.inboxes.send(target, message, fds):
             return False
@@ -133,6 +135,9 @@ def receive_client(worker: Worker, m: channel.ClientHandoff, fds: list[int]) -> 
     client = Client(worker, sock, pool, dict(m.params), m.user, m.dbname, worker.next_id(),
                     (m.addr, m.port))
     client.connect_time = m.connect_time
+    client.startup = startup.Startup(dict(m.tracked), dict(m.extra))
+    if client.mode != SESSION:
+        client.extra = client.startup.extra
     client.cancel_key = (m.cancel_pid, m.cancel_key)
     if m.statements:
         client.statements = {name: (ename, parse) for name, ename, parse in m.statements}

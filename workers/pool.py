@@ -22,10 +22,9 @@ import gevent.event
 
 from ipc import shm
 
-from . import prepared, proto
+from . import prepared, proto, startup
 
 from .relay import SESSION, STATUS_IDLE, Client, Server
-from .varcache import server_set_query
 
 if TYPE_CHECKING:
     from prefork.config import Database
@@ -94,6 +93,8 @@ class Pool:
         self.servers: set[Server] = set()
         self.clients: set[Client] = set()
         self.connecting = 0
+        self.connecting_for: collections.Counter = collections.Counter()  # startup keys
+        self.startup_known: dict[tuple[str, str], str] = {}  # see startup.known
         self.welcome: dict[str, str] | None = None  # server defaults, replayed to new clients
         self.welcome_static = b""  # ParameterStatus messages of the untracked defaults
         self.welcome_tracked: dict[str, str] = {}  # tracked defaults, overridable per client
@@ -145,7 +146,7 @@ class Pool:
         None means the client must park its request: it is queued, or a server is being
         checked or aligned for it, and :meth:`Client.resume` will be called when it is linked.
         """
-        server = None if self.worker.is_paused(self.dbname) else self._take_idle()
+        server = None if self.worker.is_paused(self.dbname) else self._take_idle(client)
         if server is not None:
             return server if self._link(client, server) else None
         client.state = "waiting"
@@ -155,16 +156,31 @@ class Pool:
         self.grow()
         return None
 
-    def _take_idle(self) -> Server | None:
+    def _take_idle(self, client: Client) -> Server | None:
         idle = self.idle
         if not idle:
             return None
+        if self.mode == SESSION:
+            return self._take_idle_for(client.startup.key)
         round_robin = self.worker.settings.server_round_robin
         now = _monotonic()
         while idle:
             server = idle.popleft() if round_robin else idle.pop()
             if not self._retire(server, now):
                 return server
+        return None
+
+    def _take_idle_for(self, key: tuple) -> Server | None:
+        """Session mode: an idle server opened with these startup parameters (startup.py)."""
+        idle = self.idle
+        order = range(len(idle)) if self.worker.settings.server_round_robin else \
+            range(len(idle) - 1, -1, -1)
+        now = _monotonic()
+        for i in order:
+            server = idle[i]
+            if server.startup == key:
+                del idle[i]
+                return self._take_idle_for(key) if self._retire(server, now) else server
         return None
 
     def _link(self, client: Client, server: Server) -> bool:
@@ -188,10 +204,15 @@ class Pool:
         return self._align(client, server)
 
     def _align(self, client: Client, server: Server) -> bool:
-        """Bring the server's tracked parameters to the client's; True when none differ."""
-        if client.params_key == server.params_key:
+        """Bring the server's tracked parameters and settings to the client's; True when
+        none differ. In session mode the server was opened with the client's own startup
+        parameters: its values are the client's (startup.py)."""
+        if self.mode == SESSION:
+            startup.adopt(client, server)
             return True
-        sql = server_set_query(client.params, server.params)
+        if startup.aligned(client, server):
+            return True
+        sql = startup.link_query(client, server)
         if sql is None:
             return True
         if self.worker.settings.verbose:
@@ -215,9 +236,13 @@ class Pool:
     def _aligned(self, server: Server, error: dict[str, str] | None) -> None:
         client = server.client
         if error is not None:
-            server.close("invalid server parameter: %s" % error.get("M", ""),
-                         client_error="invalid server parameter")
+            # The client's value, refused as PostgreSQL refuses it at login. The query ran
+            # as one transaction: the server is as it was, and goes back to the pool.
+            client.disconnect("invalid server parameter: %s" % error.get("M", ""),
+                              error=error.get("M", "invalid server parameter"),
+                              sqlstate=error.get("C", "08P01"))
             return
+        server.extra = dict(client.extra)
         # Keep the server's canonical spelling ("utf8" is reported back as "UTF8").
         for name in client.params:
             if name in server.params:
@@ -260,6 +285,7 @@ class Pool:
         if error is not None:
             server.close("server_reset_query failed: %s" % error.get("M", ""))
             return
+        server.extra = {}  # DISCARD ALL / RESET ALL took back what pgherd set
         if server.statements.prepared:  # DISCARD ALL (the usual reset) drops them
             prepared.forget_all(server)
         self.give(server)
@@ -276,14 +302,28 @@ class Pool:
 
     def _serve_here(self, server: Server) -> None:
         """To the longest-waiting client of this worker, else idle."""
-        if self.waiting:
-            client = self.waiting.popleft()
+        client = self._waiter_for(server)
+        if client is not None:
             self.waiting_changed()
             if self._link(client, server):
                 client.resume()
             return
         server.state = "idle"
         self.idle.append(server)
+        if self.waiting:  # for other startup parameters: room for theirs, if need be
+            self.grow()
+
+    def _waiter_for(self, server: Server) -> Client | None:
+        """The longest-waiting client this server can serve (in session mode, one that asked
+        for the startup parameters it was opened with), taken off the queue."""
+        waiting = self.waiting
+        if self.mode != SESSION:
+            return waiting.popleft() if waiting else None
+        for i, client in enumerate(waiting):
+            if client.startup.key == server.startup:
+                del waiting[i]
+                return client
+        return None
 
     def _should_move(self, remote: tuple[int, int], waiting) -> bool:
         """Does a freed server belong with the other worker whose client waits longest?
@@ -364,7 +404,8 @@ class Pool:
             return
         if self.login_failed_at and _monotonic() - self.login_failed_at < self.worker.settings.server_login_retry:
             return
-        want = len(self.waiting) - self.connecting
+        keys = self._keys_to_open()
+        want = len(keys)
         if self.welcome is None and not self.servers and not self.connecting:
             want = max(want, 1)
         if self.min_size:
@@ -382,9 +423,27 @@ class Pool:
                 if self.waiting or self.welcome is None:  # queries, or logins, wait for one
                     self._make_room()
                 return
+            key = keys.pop() if keys else ()
             self.connecting += 1
-            gevent.spawn(self._connect)
+            self.connecting_for[key] += 1
+            gevent.spawn(self._connect, key)
             want -= 1
+
+    def _keys_to_open(self) -> list[tuple]:
+        """The startup parameters of the servers waiting clients need (session mode: those
+        of each client no server is being opened for yet), the longest waiting last."""
+        if self.mode != SESSION:
+            return [()] * (len(self.waiting) - self.connecting)
+        pending = collections.Counter(self.connecting_for)
+        keys = []
+        for client in self.waiting:
+            key = client.startup.key
+            if pending[key] > 0:
+                pending[key] -= 1
+            else:
+                keys.append(key)
+        keys.reverse()
+        return keys
 
     def _grow_later(self) -> None:
         if not self._grow_pending:
@@ -415,27 +474,32 @@ class Pool:
         max_db/max_user_connections is what refuses, free an idle server of a sibling pool —
         here if there is one, else in whichever worker holds one (PgBouncer evicts the
         oldest idle connection of the other pools)."""
+        if self.mode == SESSION and self.idle and self.waiting:
+            # Idle while clients wait: opened with other startup parameters than theirs.
+            self.idle.popleft().close("startup parameters of waiting clients differ")
+            return
         shared = self.worker.limits.blocked_by_shared_limit(self)
         if shared is not None and evict_idle(self.worker.pools.values(), self.dbname, self.user,
                                              shared, 0.0):
             shared = None  # its backend's exit frees the room: room_freed() grows this pool
         self.worker.exchange.want(self, shared or "")
 
-    def _connect(self) -> None:
+    def _connect(self, key: tuple) -> None:
+        """Greenlet: open a server; in session mode with the startup parameters ``key``."""
         from .login import LoginFailed, open_server  # login imports pool's neighbours
 
         try:
-            server = open_server(self)
+            server = open_server(self, key)
         except LoginFailed as exc:
-            self.connecting -= 1
+            self._connected(key)
             self.worker.limits.server_closed(self.rows)
-            self._login_failed(exc)
+            self._login_failed(exc, key)
             return
-        self.connecting -= 1
+        self._connected(key)
         self.login_error = None
         self.login_failed_at = 0.0
         self.servers.add(server)
-        if self.welcome is None:
+        if self.welcome is None and not key:  # the database's own defaults, for every client
             self.set_welcome(dict(server.params))
             self.welcome_ready.set()
             self.worker.limits.publish_welcome(self, self.welcome)
@@ -450,8 +514,25 @@ class Pool:
             log.warning("S-%d: connect_query failed: %s", server.id, error.get("M", ""))
         self.give(server)
 
-    def _login_failed(self, exc) -> None:
+    def _connected(self, key: tuple) -> None:
+        self.connecting -= 1
+        self.connecting_for[key] -= 1
+        if not self.connecting_for[key]:
+            del self.connecting_for[key]
+
+    def _login_failed(self, exc, key: tuple = ()) -> None:
         log.warning("%s/%s server login failed: %s", self.dbname, self.user, exc.message)
+        # Logins waiting for their server hear why, as PostgreSQL would have told them; a
+        # value only some clients asked for is their problem, not the pool's.
+        fields = exc.fields
+        own = bool(key) and fields.get("C") in startup.PARAMETER_ERRORS
+        for client in [c for c in self.waiting if c.greeting is not None
+                       and (not own or c.startup.key == key)]:
+            client.disconnect("server login failed: %s" % exc.message,
+                              error=fields.get("M", exc.message),
+                              sqlstate=fields.get("C", "08P01"))
+        if own:
+            return
         self.login_error = exc.fields
         self.login_failed_at = _monotonic()
         # Clients still in login wait for the welcome: tell them now rather than at their

@@ -19,7 +19,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import prepared, proto
+from . import prepared, proto, startup
 from .proto import BackendScanner, FrontendScanner, MessageReader, ProtocolError
 
 if TYPE_CHECKING:
@@ -143,7 +143,8 @@ class Client(Conn):
 
     __slots__ = ("pool", "server", "fs", "params", "params_key", "cancel_key", "user", "dbname",
                  "state", "pending", "pending_syncs", "request_time", "wait_started",
-                 "idle_since", "login_time", "mode", "ps_mode", "statements", "ps_partial", "held")
+                 "idle_since", "login_time", "mode", "ps_mode", "statements", "ps_partial", "held",
+                 "startup", "extra", "greeting")
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
                  params: dict[str, str], user: str, dbname: str, cid: int,
@@ -162,6 +163,9 @@ class Client(Conn):
         self.held = b""  # a header cut by a chunk, held back (see _relay)
         self.params = params  # tracked parameter values this client expects
         self.params_key = worker.tracked.key(params)
+        self.startup = None  # its startup parameters (workers/startup.py)
+        self.extra: dict[str, str] = {}  # other settings its servers get on every link
+        self.greeting: bytes | None = None  # a login waiting for its server (startup.greet)
         self.cancel_key: tuple[int, int] = (0, 0)
         self.user = user
         self.dbname = dbname
@@ -323,11 +327,15 @@ class Client(Conn):
         if self.wait_started:
             self.pool.stats.wait_time += int((now - self.wait_started) * 1e6)
             self.wait_started = 0.0
+        if self.greeting is not None:
+            startup.greet(self, server)
         data, self.pending = self.pending, None
         if data and self.ps_mode:
             self._send_statements(server, data, now)
         elif data:
             server.forward(data, self.pending_syncs, now)
+        elif self.mode != SESSION and server.clean_for_release():
+            self.pool.release(server, now)  # linked only to be greeted (startup.greet)
         if not self.closed and server.out is None:
             self.rw.start(self.on_read)
 
@@ -402,7 +410,7 @@ class Server(Conn):
     """A server connection that finished login, owned by one pool of this worker."""
 
     __slots__ = ("pool", "client", "bs", "params", "params_key", "backend_pid", "backend_key",
-                 "statements", "state", "cancels",
+                 "statements", "state", "cancels", "extra", "startup",
                  "expect", "release_on_drain", "close_needed", "last_used", "link_time",
                  "query_start", "xact_start", "internal", "reader", "internal_error",
                  "target", "born")
@@ -417,6 +425,8 @@ class Server(Conn):
         self.statements = prepared.ServerStatements()
         self.params = params  # every ParameterStatus this server reported, latest value
         self.params_key = worker.tracked.key(params)
+        self.extra: dict[str, str] = {}  # other settings pgherd applied (workers/startup.py)
+        self.startup: tuple = ()  # the client parameters of its startup packet (session mode)
         self.backend_pid = backend_pid
         self.backend_key = backend_key
         self.target = target  # where it is connected, for cancel requests

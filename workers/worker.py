@@ -262,15 +262,16 @@ class Worker:
 
     # ------------------------------------------------------------------ clients
 
-    def new_cancel_key(self, client: Client) -> tuple[int, int]:
-        # The worker slot rides in the top bits of the key's first half, so a CancelRequest
-        # that the kernel hands to another worker can be routed back here.
+    def new_cancel_key(self, client: Client, pid: int = 0) -> tuple[int, int]:
+        """BackendKeyData for ``client``: the pid of its own backend (session mode), else one
+        made up with this worker's slot in its top bits (where a CancelRequest is tried
+        first, see :meth:`cancel`); and a secret of pgherd's own, always."""
         while True:
             if len(self._entropy) < 7:  # one getrandom() per 512 keys, not one per login
                 self._entropy = memoryview(os.urandom(7 * 512))
             rand = int.from_bytes(self._entropy[:7], "big")
             self._entropy = self._entropy[7:]
-            key = ((self.slot << 24) | (rand >> 32), rand & 0xFFFFFFFF)
+            key = (pid or (self.slot << 24) | (rand >> 32), rand & 0xFFFFFFFF)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
@@ -284,22 +285,26 @@ class Worker:
         self.cancel_keys.pop(client.cancel_key, None)
         self.limits.client_closed()
 
-    def cancel(self, pid: int, key: int, request: socket.socket) -> None:
-        """A CancelRequest, on whichever worker the kernel handed it: to the client's worker.
+    def cancel(self, pid: int, key: int, request: socket.socket | None, tried: int = 0) -> None:
+        """A CancelRequest, on whichever worker the kernel handed it: passed from worker to
+        worker (``tried``: a bit per slot asked) until the client's own serves it. A made-up
+        pid names the slot to try first; a session-mode client's is its backend's real pid.
         ``request`` is the connection it came on; it is closed when the cancel is done."""
-        slot = pid >> 24
-        if slot == self.slot:
+        tried |= 1 << self.slot
+        if (pid, key) in self.cancel_keys or (
+                self.drainer is not None and (pid, key) in self.drainer.moved):
             self.cancel_local(pid, key, request)
-        elif slot < shm.MAX_WORKERS and self.segment.read(slot).pid:
-            self.exchange.relay_cancel(slot, pid, key, request)
-        elif (pid, key) in self.cancel_keys:
-            self.cancel_local(pid, key, request)
-        else:
-            # The client's worker is gone (drained away): wherever the client went, that
-            # worker knows its key; the others ignore it.
-            request.close()
-            for other in self.exchange.live_slots():
-                self.exchange.relay_cancel(other, pid, key)
+            return
+        live = self.exchange.live_slots()
+        hint = pid >> 24
+        untried = ([hint] if hint in live and not tried >> hint & 1 else []) + [
+            slot for slot in live if not tried >> slot & 1]
+        if not untried:
+            log.info("cancel request for unknown key, ignored")
+            if request is not None:
+                request.close()
+            return
+        self.exchange.relay_cancel(untried[0], pid, key, request, tried)
 
     def cancel_local(self, pid: int, key: int, request: socket.socket | None = None) -> None:
         """Forward a cancel to the backend running that client's query, if it runs one."""

@@ -20,6 +20,7 @@ NO_PREPARE = {"prepare_threshold": None}
 
 
 def _slot(conn: psycopg.Connection) -> int:
+    """The worker slot of a transaction-mode client: the top bits of its made-up pid."""
     return conn.info.backend_pid >> 24
 
 

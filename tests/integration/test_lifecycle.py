@@ -79,8 +79,9 @@ class Bench:
 
 
 def slot_of(conn: psycopg.Connection) -> int:
-    """The worker slot serving ``conn`` (pgherd puts it in the top bits of the cancel key's
-    pid half, which libpq reports as the backend pid)."""
+    """The worker slot serving ``conn`` in transaction mode (pgherd puts it in the top bits of
+    the pid it makes up for BackendKeyData, which libpq reports as the backend pid; in session
+    mode that is the backend's real pid)."""
     return conn.info.backend_pid >> 24
 
 

@@ -37,8 +37,9 @@ def processed(out: str) -> int:
 
 
 def slot_of(conn: psycopg.Connection) -> int:
-    """Which worker serves ``conn``: pgherd puts the worker slot in the top bits of the
-    cancel key's pid half, which is what libpq reports as the backend pid."""
+    """Which worker serves ``conn`` (transaction mode): pgherd puts the worker slot in the top
+    bits of the pid it makes up for BackendKeyData, which is what libpq reports as the backend
+    pid. (In session mode that is the backend's real pid.)"""
     return conn.info.backend_pid >> 24
 
 
@@ -108,7 +109,8 @@ def test_shared_limit_evicts_an_idle_server_in_another_worker(pgherd):
 
 
 def test_max_client_conn_counts_all_workers(pgherd):
-    h = pgherd(settings={"max_client_conn": 40}, workers=WORKERS)
+    # Transaction mode: in session mode each client holds a server from its login on.
+    h = pgherd(settings={"max_client_conn": 40, "pool_mode": "transaction"}, workers=WORKERS)
     conns = [h.connect() for _ in range(40)]
     try:
         assert len({slot_of(c) for c in conns}) > 1  # spread over several workers

@@ -10,6 +10,9 @@ share a backend, so a leak cannot hide behind separate servers.
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import psycopg
 import pytest
 
@@ -216,26 +219,60 @@ def test_database_connstr_parameters(pgherd):
             assert show(a, "application_name") == "from-ini"
 
 
-def test_unsupported_startup_parameters(pgherd):
-    h = pgherd(settings={"pool_mode": "transaction"})
-    # asyncpg sends unknown URL parameters as startup parameters (server_settings)
-    err = login_error(h.dsn(jit="off"))
-    assert err is not None and "unsupported startup parameter: jit" in str(err), err
-    assert err.sqlstate == "08P01"
-    err = login_error(h.dsn(options="-c work_mem=8MB"))
-    assert err is not None and "unsupported startup parameter in options: work_mem" in str(err), err
-    assert err.sqlstate == "08P01"
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_startup_settings_are_honoured_and_taken_back(pgherd, mode):
+    """Any setting PostgreSQL takes in a startup packet (asyncpg's server_settings, libpq's
+    options) applies to that client -- and, in transaction mode, to no other client sharing
+    its server (issue 12, item 8)."""
+    h = pgherd(settings={"pool_mode": mode, "default_pool_size": 1}, workers=1)
+    settings = {"client_min_messages": "warning", "statement_timeout": "1234ms",
+                "idle_in_transaction_session_timeout": "5min", "jit": "off"}
+
+    async def main():
+        a = await asyncpg.connect(h.dsn(), server_settings=settings)
+        try:
+            async def shows(conn):
+                return [await conn.fetchval("SHOW %s" % name) for name in settings]
+
+            assert await shows(a) == ["warning", "1234ms", "5min", "off"]
+            if mode == "session":
+                return
+            with connect(h, options="-c work_mem=8MB") as b, connect(h) as c:
+                assert backend(b) == backend(c) == await a.fetchval("SELECT pg_backend_pid()")
+                for _ in range(2):
+                    assert (show(b, "work_mem"), show(b, "statement_timeout")) == ("8MB", "0")
+                    assert await shows(a) == ["warning", "1234ms", "5min", "off"]
+                    assert (show(c, "work_mem"), show(c, "jit")) == ("4MB", "on")
+                    assert show(c, "client_min_messages") == "notice"
+        finally:
+            await a.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_startup_settings_refused_as_postgresql_refuses_them(pgherd, mode):
+    h = pgherd(settings={"pool_mode": mode})
+    err = login_error(h.dsn(statement_timeout="soon"))
+    assert err is not None and err.sqlstate == "22023", err  # invalid_parameter_value
+    err = login_error(h.dsn(nosuch_setting="1"))
+    assert err is not None and err.sqlstate == "42704", err  # undefined_object
+    assert 'unrecognized configuration parameter "nosuch_setting"' in str(err)
+    # options are still only PgBouncer's two forms
     err = login_error(h.dsn(options="-X"))
     assert err is not None and "only '-c config=val' and '--config=val' are allowed" in str(err), err
-    # tracked ones in options are fine, in both spellings
+    # and the pool still serves everyone else
     with connect(h, options="--TimeZone=Asia/Tokyo -c application_name=viaopt") as c:
         assert show(c, "TimeZone") == "Asia/Tokyo"
         assert show(c, "application_name") == "viaopt"
 
 
 def test_ignore_startup_parameters(pgherd):
+    """PgBouncer's meaning: accepted, and dropped."""
     h = pgherd(settings={"pool_mode": "transaction", "ignore_startup_parameters": "jit"})
     assert login_error(h.dsn(jit="off")) is None
+    with connect(h, options="-c jit=off") as c:
+        assert show(c, "jit") == "on"
 
 
 def test_session_mode_reset_query_cleans_server(pgherd):
