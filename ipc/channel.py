@@ -42,7 +42,8 @@ class Handoff(msgspec.Struct, tag=True, array_like=True):
     connect_time: float
     close_needed: bool
     from_slot: int
-    prepared: list[str] = []  # internal names of the statements it has prepared
+    # the statements it has prepared: internal name, when, description (workers/prepared.py)
+    prepared: list[tuple[str, int, bytes]] = []
     extra: dict[str, str] = {}  # settings pgherd applied for its last client (startup.py)
     startup: list[tuple[str, str]] = []  # client parameters of its startup packet
 
@@ -62,7 +63,8 @@ class ClientHandoff(msgspec.Struct, tag=True, array_like=True):
     port: int
     connect_time: float
     server: Handoff | None = None
-    statements: list[tuple[bytes, bytes, bytes]] = []  # (name, internal name, Parse)
+    # its named statements: name, internal name, Parse, when prepared, description
+    statements: list[tuple[bytes, bytes, bytes, int, bytes]] = []
     tracked: dict[str, str] = {}  # its startup parameters (workers/startup.py)
     extra: dict[str, str] = {}
 
@@ -84,13 +86,6 @@ class Cancel(msgspec.Struct, tag=True, array_like=True):
     pid: int
     key: int
     tried: int = 0  # a bit per worker slot that did not know the key (0: relayed by a drain)
-
-
-class StaleStatement(msgspec.Struct, tag=True, array_like=True):
-    """A server said a prepared statement no longer matches the schema: no worker prepares
-    that name again (``workers/prepared.py``)."""
-
-    name: str
 
 
 class Gather(msgspec.Struct, tag=True, array_like=True):
@@ -192,7 +187,7 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
 
 
 Message = Union[Handoff, ClientHandoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack,
-                Command, Reply, StaleStatement]
+                Command, Reply]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -139,7 +139,7 @@ class Exchange:
         return channel.Handoff(pool.dbname, pool.user, server.params, server.backend_pid,
                                server.backend_key, family, host, port, server.born,
                                server.connect_time, server.close_needed, self.slot,
-                               server.statements.names(), server.extra, list(server.startup))
+                               server.statements.describe(), server.extra, list(server.startup))
 
     def _on_handoff(self, m: channel.Handoff, fds: list[int]) -> None:
         server = self.receive_server(m, fds[0])
@@ -165,7 +165,7 @@ class Exchange:
         server.born = m.born
         server.connect_time = m.connect_time
         server.close_needed = m.close_needed
-        server.statements = prepared.ServerStatements(m.prepared)
+        server.statements = prepared.ServerStatements.from_description(m.prepared)
         server.extra = dict(m.extra)
         server.startup = tuple(tuple(pair) for pair in m.startup)
         server.bs.watch_discard(bool(m.prepared))

@@ -23,7 +23,7 @@ import gevent
 
 from ipc import channel, shm
 
-from . import startup
+from . import prepared, startup
 from .relay import SESSION, Client
 
 if TYPE_CHECKING:
@@ -95,7 +95,8 @@ class Drain:
             client.pool.dbname, client.pool.user, client.dbname, client.params,
             client.cancel_key[0], client.cancel_key[1], client.addr, client.port,
             client.connect_time, worker.exchange.describe(server) if server else None,
-            [(name, ename, parse) for name, (ename, parse) in client.statements.items()],
+            [(name, p.ename, p.parse, p.time, p.description)
+             for name, p in client.statements.items()],
             client.startup.tracked, client.startup.extra)
         fds = [client.fd] + ([server.fd] if server else [])
         if not worker.exchange.inboxes.send(target, message, fds):
@@ -140,7 +141,8 @@ def receive_client(worker: Worker, m: channel.ClientHandoff, fds: list[int]) -> 
         client.extra = client.startup.extra
     client.cancel_key = (m.cancel_pid, m.cancel_key)
     if m.statements:
-        client.statements = {name: (ename, parse) for name, ename, parse in m.statements}
+        client.statements = {name: prepared.Preparation(ename, parse, at, description)
+                             for name, ename, parse, at, description in m.statements}
         client.ps_mode = True
         client.fs.watch_named = False
     worker.cancel_keys[client.cancel_key] = client

@@ -4,44 +4,44 @@
 A client's protocol-level named statements must survive its server being switched between
 transactions. So, for a client that uses them, pgherd rewrites its stream:
 
-* Parse "s1" becomes Parse of an internal name derived from the statement's text and
-  parameter types (``PGHERD_<hash>`` — a hash, not a counter, so servers handed between
-  workers keep meaning the same thing); if the server already has it, nothing is sent and a
-  ParseComplete is injected in its place in the reply stream. Clients preparing the same
-  text share one server statement.
-* Bind/Describe of "s1" name the internal statement; if this server lacks it, its Parse goes
-  first and that Parse's ParseComplete is dropped from the reply.
-* Close of "s1" forgets the client's name and is answered here (CloseComplete injected); the
-  server keeps the statement for the other clients bound to it.
+* Parse "s1" becomes Close + Parse + Describe of an internal name derived from the statement's
+  text and parameter types (``PGHERD_<hash>`` — a hash, not a counter, so servers handed
+  between workers keep meaning the same thing). A client's Parse always makes a fresh server
+  statement, as it does directly: never one prepared before a schema change. The Close's and
+  the Describe's replies are dropped; the Describe tells pgherd the statement's parameter and
+  result types (its *description*, kept with the :class:`Preparation`).
+* Bind/Describe of "s1" name the internal statement. Clients preparing the same text share
+  it, as long as it is the client's own preparation or one with the same description: if
+  another client prepared the text again since, and the schema changed in between (the
+  descriptions differ), the client meets the error it would meet on its own backend, "cached
+  plan must not change result type" (the server fails in place of its Bind, so a transaction
+  fails as it would; the wording is PostgreSQL's, which asyncpg recognises). If this server
+  lacks the statement, or has an older preparation that differs, it is prepared there first
+  (and the replies dropped).
+* When the server itself finds a statement stale at Bind or Describe ("cached plan must not
+  change result type", "cache lookup failed for ..."), the error reaches the client, and that
+  preparation is marked stale: every client bound to another preparation of the text meets
+  the same error there, until it prepares the text again — as each would on its own backend.
+* Close of "s1" forgets the client's name and is answered here (CloseComplete injected).
 * Each server keeps at most ``max_prepared_statements``, least recently used closed first.
 
-Schema changes. A server statement prepared before an ALTER TABLE ... TYPE (or whose types
-were dropped and made again) fails at Bind: "cached plan must not change result type"
-(0A000), or "cache lookup failed for ..." (XX000). Directly, a client then Closes it and
-prepares the text again (asyncpg does so by itself) and gets a fresh statement. Through
-pgherd the text must then not map to the stale name any more, on any server, in any worker:
+Since a Parse is always preceded by a Close of the same name, pgherd never needs to know for
+sure what a server has: forgetting a statement the server still has costs a Parse.
 
-* Such an error makes the name *stale* in every worker (:class:`Versions`, the other workers
-  are told with a ``StaleStatement``): new Parses of the text get a new versioned name
-  (``PGHERD_<hash>_<random>``), prepared afresh on every server.
-* A client still bound to a stale name meets, on a server that lacks it, the error it would
-  meet on its own backend directly — pgherd does not prepare it again there, which would
-  silently change the statement's result under the client (PgBouncer does). The server
-  fails in place of the Bind (a DO block raising 0A000), so a transaction fails just as it
-  would, and the client gets PostgreSQL's own wording of that error.
-* A client's own Close makes its next Parse of the text (in this worker) a fresh statement
-  too, as it is directly; other clients keep theirs.
+Left as PgBouncer leaves it: a statement prepared again on a server that lacked it, after a
+schema change, has the new result type without an error (its description is known only once
+the server answers, after the Bind has gone).
 
 What a client sees in ``pg_prepared_statements`` in these modes: the statements of whichever
 server runs its transaction, under pgherd's ``PGHERD_`` names, its own and those other clients
 prepared there. In session mode nothing is rewritten: a client sees its own names.
 
 Replies are matched to requests with a queue per server (:class:`Expect` entries): which reply
-ends each request, and whether it is forwarded, dropped or synthesized. An ErrorResponse ends
-the current request, and in the extended protocol the server skips every request up to the
-next Sync: those get no reply, and a Parse among them leaves neither a server statement nor a
-client name. Requests the client sends after such an error and before its Sync pass as they
-are (the server skips them too).
+ends each request, and whether it is forwarded, dropped, synthesized or read. An ErrorResponse
+ends the current request, and in the extended protocol the server skips every request up to
+the next Sync: those get no reply, and a Parse among them leaves neither a server statement
+nor a client name. Requests the client sends after such an error and before its Sync pass as
+they are (the server skips them too).
 
 Clients that never name a statement never come here: the relay's fast path only notices
 that one did (``FrontendScanner.named``).
@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
 import struct
+import time
 from typing import TYPE_CHECKING
 
 from . import proto
@@ -64,11 +64,14 @@ if TYPE_CHECKING:
 _LEN = struct.Struct("!I")
 PARSE_COMPLETE = proto.message(b"1")
 CLOSE_COMPLETE = proto.message(b"3")
-FORWARD, DROP, INJECT, STALE = 0, 1, 2, 3  # STALE: its error is replaced by STALE_ERROR
+#: What to do with a request's replies. READ: drop them, keeping the bytes of those that make
+#: a description. STALE: its error is replaced by STALE_ERROR.
+FORWARD, DROP, INJECT, READ, STALE = 0, 1, 2, 3, 4
 _ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, Notification: any time
 _ERROR, _READY = ord("E"), ord("Z")
-_PREFIX = b"PGHERD_"
-_BASE_LEN = len(_PREFIX) + 20  # a versioned name adds "_" and 8 hex digits
+_DESCRIPTION = frozenset(b"tTn")  # ParameterDescription, RowDescription, NoData
+#: The description of a preparation the server found stale: equal to none.
+STALE_DESCRIPTION = b"!"
 #: In place of a Bind of a stale statement: the server fails as it would on the client's own
 #: backend (so a transaction fails too), and its error reaches the client as PostgreSQL words
 #: it when it finds a statement's result changed (asyncpg knows it by its routine field).
@@ -80,94 +83,83 @@ STALE_PLAN = (
 STALE_ERROR = proto.message(b"E", b"SERROR\x00VERROR\x00C0A000\x00"
                             b"Mcached plan must not change result type\x00"
                             b"Fplancache.c\x00RRevalidateCachedQuery\x00\x00")
-VERSIONS_KEPT = 10000
 
 
 class StatementError(Exception):
     """PgBouncer closes the client for these (FATAL 08P01)."""
 
 
+class Preparation:
+    """One Parse of a statement on a server: a client's named statement refers to the one its
+    own Parse made; a server's entry to the one it has now (often the same object)."""
+
+    __slots__ = ("ename", "parse", "time", "description")
+
+    def __init__(self, ename: bytes, parse: bytes, prepared_at: int = 0,
+                 description: bytes = b"") -> None:
+        self.ename = ename  # the server-side name
+        self.parse = parse  # the Parse message that makes it
+        self.time = prepared_at or time.monotonic_ns()  # one clock for all workers
+        self.description = description  # 't' and 'T'/'n' replies to Describe; b"": not yet
+
+
 class Expect:
     """One request in flight: the reply types that end it, what to do with its replies, and
     what to undo if the server fails or skips it."""
 
-    __slots__ = ("ends", "action", "payload", "sync", "forget", "name", "mapping", "created",
+    __slots__ = ("ends", "action", "payload", "sync", "forget", "name", "prep", "created",
                  "bound")
 
     def __init__(self, ends: bytes, action: int = FORWARD, payload: bytes = b"",
                  sync: bool = False, forget: bytes = b"", name: bytes = b"",
-                 mapping: tuple | None = None, created: bool = False,
-                 bound: bytes = b"") -> None:
+                 prep: Preparation | None = None, created: bool = False,
+                 bound: Preparation | None = None) -> None:
         self.ends = ends  # reply types that complete this request ('Z' for Sync/Query/FC)
         self.action = action
         self.payload = payload  # INJECT: the reply to synthesize
         self.sync = sync  # after an error the server skips requests up to one of these
         self.forget = forget  # a Parse: if it fails, the server does not have this name
         self.name = name  # the client's statement name this request makes (Parse) or drops
-        self.mapping = mapping  # ... and what it maps to
+        self.prep = prep  # ... and what it refers to; READ: whose description this is
         self.created = created
-        self.bound = bound  # a Bind/Describe of this statement: its error may say it is stale
+        self.bound = bound  # a Bind/Describe of this preparation: its error may say stale
 
 
 class ServerStatements:
     """What one server has prepared, and the queue of requests awaiting replies."""
 
-    __slots__ = ("prepared", "queue", "remaining", "head", "action", "skipping", "error",
-                 "error_for")
+    __slots__ = ("prepared", "queue", "remaining", "head", "action", "skipping", "reading",
+                 "read_for", "read_error")
 
-    def __init__(self, names: list[str] = ()) -> None:
-        self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict(
-            (n.encode(), None) for n in names)
+    def __init__(self, preps: list[Preparation] = ()) -> None:
+        self.prepared: collections.OrderedDict[bytes, Preparation] = collections.OrderedDict(
+            (p.ename, p) for p in preps)
         self.queue: collections.deque[Expect] = collections.deque()
         self.remaining = 0  # bytes left of the reply message being forwarded or dropped
         self.head = b""
         self.action = FORWARD
         self.skipping = False  # an error came back: the server ignores all until a Sync
-        self.error: bytearray | None = None  # the body of an error to a Bind, being read
-        self.error_for = b""
+        self.reading: bytearray | None = None  # a description, or an error, being read
+        self.read_for: Preparation | None = None
+        self.read_error = False
 
-    def names(self) -> list[str]:
-        return [n.decode() for n in self.prepared]
+    def describe(self) -> list[tuple[str, int, bytes]]:
+        """For a server handed to another worker."""
+        return [(p.ename.decode(), p.time, p.description) for p in self.prepared.values()]
 
-
-class Versions:
-    """One worker's view of which server-side name each statement text has now."""
-
-    __slots__ = ("current", "stale")
-
-    def __init__(self) -> None:
-        self.current: dict[bytes, bytes] = {}  # base name -> versioned name (if renewed)
-        self.stale: dict[bytes, None] = {}  # names never to prepare again (ordered: trimmed)
-
-    def name_of(self, statement: bytes) -> bytes:
-        base = internal_name(statement)
-        return self.current.get(base, base)
-
-    def renew(self, ename: bytes) -> None:
-        """From now on new Parses of this statement's text get a name of their own."""
-        base = ename[:_BASE_LEN]
-        if self.current.get(base, base) == ename:
-            self.current[base] = base + b"_" + os.urandom(4).hex().encode()
-            _trim(self.current)
-
-    def mark_stale(self, ename: bytes) -> None:
-        self.renew(ename)
-        self.stale[ename] = None
-        _trim(self.stale)
-
-
-def _trim(d: dict) -> None:
-    while len(d) > VERSIONS_KEPT:
-        del d[next(iter(d))]
+    @classmethod
+    def from_description(cls, preps: list[tuple[str, int, bytes]]) -> ServerStatements:
+        return cls([Preparation(name.encode(), b"", at, description)
+                    for name, at, description in preps])
 
 
 def internal_name(statement: bytes) -> bytes:
     """The server-side name of a statement: its text and parameter types, hashed."""
-    return _PREFIX + hashlib.blake2b(statement, digest_size=10).hexdigest().encode()
+    return b"PGHERD_" + hashlib.blake2b(statement, digest_size=10).hexdigest().encode()
 
 
 def is_stale_error(fields: dict[str, str]) -> bool:
-    """The server's error to a Bind says the statement no longer matches the schema."""
+    """The server's error to a Bind or Describe says the statement no longer matches."""
     code, text = fields.get("C"), fields.get("M", "")
     return ((code == "0A000" and text == "cached plan must not change result type")
             or (code == "XX000" and text.startswith("cache lookup failed for ")))
@@ -219,16 +211,11 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
             return
         if name in client.statements:
             raise StatementError("prepared statement name is already in use")
-        ename = client.worker.statement_versions.name_of(statement)
-        mapping = (ename, proto.message(b"P", ename + b"\x00" + statement))
-        client.statements[name] = mapping
+        ename = internal_name(statement)
+        prep = Preparation(ename, proto.message(b"P", ename + b"\x00" + statement))
+        client.statements[name] = prep
         stats.client_parse_count += 1
-        if ename in st.prepared:
-            st.prepared.move_to_end(ename)
-            queue.append(Expect(b"1", INJECT, PARSE_COMPLETE, name=name, mapping=mapping,
-                                created=True))
-        else:
-            _prepare(server, st, ename, mapping[1], out, FORWARD, name, mapping)
+        _prepare(server, st, prep, out, FORWARD, name)
     elif mtype == proto.F_BIND:
         portal, _, rest = body.partition(b"\x00")
         name, _, rest = rest.partition(b"\x00")
@@ -237,29 +224,27 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
             queue.append(Expect(b"2"))
             return
         stats.bind_count += 1
-        ename = _ensure(client, server, st, name, out)
-        if ename is None:
+        prep = _ensure(client, server, st, name, out)
+        if prep is None:
             _stale_plan(st, out)
             return
-        out += proto.message(b"B", portal + b"\x00" + ename + b"\x00" + rest)
-        queue.append(Expect(b"2", bound=ename))
+        out += proto.message(b"B", portal + b"\x00" + prep.ename + b"\x00" + rest)
+        queue.append(Expect(b"2", bound=prep))
     elif mtype == proto.F_DESCRIBE:
         if body[:1] != b"S" or len(body) <= 2:
             out += buf[pos:end]
             queue.append(Expect(b"Tn"))
             return
-        ename = _ensure(client, server, st, body[1:-1], out)
-        if ename is None:
+        prep = _ensure(client, server, st, body[1:-1], out)
+        if prep is None:
             _stale_plan(st, out)
             return
-        out += proto.message(b"D", b"S" + ename + b"\x00")
-        queue.append(Expect(b"Tn", bound=ename))
+        out += proto.message(b"D", b"S" + prep.ename + b"\x00")
+        queue.append(Expect(b"Tn", bound=prep))
     elif mtype == proto.F_CLOSE and body[:1] == b"S" and len(body) > 2:
         name = body[1:-1]
-        mapping = client.statements.pop(name, None)
-        if mapping is not None:  # its next Parse of the text is a fresh statement
-            client.worker.statement_versions.renew(mapping[0])
-        queue.append(Expect(b"3", INJECT, CLOSE_COMPLETE, name=name, mapping=mapping))
+        prep = client.statements.pop(name, None)
+        queue.append(Expect(b"3", INJECT, CLOSE_COMPLETE, name=name, prep=prep))
     else:
         out += buf[pos:end]
         if mtype == proto.F_EXECUTE:
@@ -274,20 +259,30 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
 
 
 def _ensure(client: Client, server: Server, st: ServerStatements, name: bytes,
-            out: bytearray) -> bytes | None:
-    """The internal name of the client's statement, prepared on this server first if need
-    be; None if it is stale and this server lacks it."""
-    known = client.statements.get(name)
-    if known is None:
+            out: bytearray) -> Preparation | None:
+    """The server's preparation to use for the client's statement, prepared on this server
+    first if need be; None if the client's statement no longer matches the schema."""
+    mine = client.statements.get(name)
+    if mine is None:
         raise StatementError("prepared statement did not exist")
-    ename, parse = known
-    if ename in st.prepared:
-        st.prepared.move_to_end(ename)
-    elif ename in client.worker.statement_versions.stale:
-        return None
-    else:
-        _prepare(server, st, ename, parse, out, DROP)
-    return ename
+    here = st.prepared.get(mine.ename)
+    if here is not None and (here is mine or here.time == mine.time):
+        st.prepared.move_to_end(mine.ename)
+        return here  # its own: if it is stale, the server says so itself
+    if mine.description == STALE_DESCRIPTION:
+        return None  # found stale elsewhere: it stays so until the client prepares anew
+    if here is not None:
+        if here.description != STALE_DESCRIPTION and (
+                here.description == mine.description
+                or not (here.description and mine.description)):
+            st.prepared.move_to_end(mine.ename)
+            return here  # the same statement, or as far as is known
+        if here.time > mine.time:
+            return None  # prepared again since, and the schema changed in between
+    # Absent, or older than the client's and different (or stale): a fresh one.
+    prep = Preparation(mine.ename, mine.parse)
+    _prepare(server, st, prep, out, DROP)
+    return prep
 
 
 def _stale_plan(st: ServerStatements, out: bytearray) -> None:
@@ -295,24 +290,24 @@ def _stale_plan(st: ServerStatements, out: bytearray) -> None:
     st.queue.extend((Expect(b"1", DROP), Expect(b"2", DROP), Expect(b"CIsE", STALE)))
 
 
-def _prepare(server: Server, st: ServerStatements, ename: bytes, parse: bytes,
-             out: bytearray, action: int, name: bytes = b"",
-             mapping: tuple | None = None) -> None:
+def _prepare(server: Server, st: ServerStatements, prep: Preparation, out: bytearray,
+             action: int, name: bytes = b"") -> None:
+    """Close, Parse and Describe ``prep`` on this server: a fresh statement, whatever it had
+    under that name (pgherd forgets a statement sooner than a server does)."""
+    ename = prep.ename
+    st.prepared.pop(ename, None)
     limit = server.worker.settings.max_prepared_statements
     while len(st.prepared) >= limit:
         old, _ = st.prepared.popitem(last=False)
         out += _close(old)
         st.queue.append(Expect(b"3", DROP))
-    # Whatever the server may still have under this name (pgherd forgets a statement sooner
-    # than a server does), the Parse makes it anew.
-    out += _close(ename)
-    st.queue.append(Expect(b"3", DROP))
-    out += parse
+    out += _close(ename) + prep.parse + proto.message(b"D", b"S" + ename + b"\x00")
     if not st.prepared:
         server.bs.watch_discard(True)
-    st.prepared[ename] = None
-    st.queue.append(Expect(b"1", action, forget=ename, name=name, mapping=mapping,
-                           created=True))
+    st.prepared[ename] = prep
+    st.queue.extend((Expect(b"3", DROP),
+                     Expect(b"1", action, forget=ename, name=name, prep=prep, created=True),
+                     Expect(b"Tn", READ, prep=prep)))
     server.pool.stats.server_parse_count += 1
 
 
@@ -325,21 +320,22 @@ def _close(ename: bytes) -> bytes:
 
 def filter_replies(st: ServerStatements, client: Client, buf: bytearray | memoryview,
                    n: int) -> bytes:
-    """The server's reply chunk as the client must see it: our own Parses' and Closes'
-    completions dropped, the completions of skipped Parses and Closes put in their place."""
+    """The server's reply chunk as the client must see it: the replies to pgherd's own
+    requests dropped (descriptions read on the way), those of requests answered here put
+    in their place."""
     out = bytearray()
     pos = 0
     while pos < n:
         if st.remaining:
             take = min(st.remaining, n - pos)
-            if st.action != DROP:
+            if st.action != DROP and st.action != READ:
                 out += buf[pos : pos + take]
-            if st.error is not None:
-                st.error += buf[pos : pos + take]
+            if st.reading is not None:
+                st.reading += buf[pos : pos + take]
             pos += take
             st.remaining -= take
-            if not st.remaining and st.error is not None:
-                _read_error(st, client)
+            if not st.remaining:
+                _read_done(st, client)
             continue
         if st.head or n - pos < 5:
             take = min(5 - len(st.head), n - pos)
@@ -351,18 +347,20 @@ def filter_replies(st: ServerStatements, client: Client, buf: bytearray | memory
         else:
             header = bytes(buf[pos : pos + 5])
             pos += 5
-        st.action = _reply(st, client, header[0], out)
-        if st.action != DROP:
+        st.action = _reply(st, client, header, out)
+        if st.action != DROP and st.action != READ:
             out += header
         st.remaining = _LEN.unpack_from(header, 1)[0] - 4
-        if not st.remaining and st.error is not None:
-            _read_error(st, client)
+        if not st.remaining:
+            _read_done(st, client)
     _inject(st, out)
     return bytes(out)
 
 
-def _reply(st: ServerStatements, client: Client, mtype: int, out: bytearray) -> int:
-    """What to do with a reply of ``mtype``; advances the queue (injections come first)."""
+def _reply(st: ServerStatements, client: Client, header: bytes, out: bytearray) -> int:
+    """What to do with a reply of this header's type; advances the queue (injections come
+    first). Starts reading a description, or an error that may say a statement is stale."""
+    mtype = header[0]
     if mtype in _ASYNC:
         return FORWARD
     _inject(st, out)
@@ -371,8 +369,8 @@ def _reply(st: ServerStatements, client: Client, mtype: int, out: bytearray) -> 
         return FORWARD
     head = queue[0]
     if mtype == _ERROR and head.ends != b"Z":  # in the extended protocol
-        if head.bound:
-            st.error, st.error_for = bytearray(), head.bound
+        if head.bound is not None:
+            st.reading, st.read_for, st.read_error = bytearray(), head.bound, True
         _undo(queue.popleft(), st, client)
         # The server skips everything up to the next Sync: none of it gets a reply.
         while queue and not queue[0].sync:
@@ -390,9 +388,25 @@ def _reply(st: ServerStatements, client: Client, mtype: int, out: bytearray) -> 
         if queue:
             queue.popleft()
         return FORWARD
+    if head.action == READ and mtype in _DESCRIPTION:
+        if mtype == ord("t"):
+            head.prep.description = b""  # a description starts afresh
+        st.reading, st.read_for, st.read_error = bytearray(header), head.prep, False
     if mtype in head.ends:
         queue.popleft()
     return head.action if head.action != INJECT else FORWARD
+
+
+def _read_done(st: ServerStatements, client: Client) -> None:
+    """A message being read is complete: a part of a description, or an error."""
+    data, prep = st.reading, st.read_for
+    if data is None:
+        return
+    st.reading = st.read_for = None
+    if not st.read_error:
+        prep.description += data
+    elif is_stale_error(proto.parse_fields(bytes(data))):
+        prep.description = STALE_DESCRIPTION
 
 
 def _undo(entry: Expect, st: ServerStatements, client: Client) -> None:
@@ -401,20 +415,10 @@ def _undo(entry: Expect, st: ServerStatements, client: Client) -> None:
         st.prepared.pop(entry.forget, None)
     if entry.name:
         if entry.created:
-            if client.statements.get(entry.name) is entry.mapping:
+            if client.statements.get(entry.name) is entry.prep:
                 del client.statements[entry.name]
-        elif entry.mapping is not None:  # a Close the server skipped: the name lives on
-            client.statements.setdefault(entry.name, entry.mapping)
-
-
-def _read_error(st: ServerStatements, client: Client) -> None:
-    """An error to a Bind or Describe, read whole: does it say the statement is stale?"""
-    fields = proto.parse_fields(bytes(st.error))
-    ename = st.error_for
-    st.error, st.error_for = None, b""
-    if is_stale_error(fields):
-        st.prepared.pop(ename, None)
-        client.worker.statement_stale(ename)
+        elif entry.prep is not None:  # a Close the server skipped: the name lives on
+            client.statements.setdefault(entry.name, entry.prep)
 
 
 def _inject(st: ServerStatements, out: bytearray) -> None:

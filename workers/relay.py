@@ -158,7 +158,7 @@ class Client(Conn):
                                   watch_named=bool(worker.settings.max_prepared_statements
                                                    and self.mode != SESSION))
         self.ps_mode = False
-        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # name -> (internal, Parse)
+        self.statements: dict[bytes, prepared.Preparation] = {}  # its named statements
         self.ps_partial = b""  # a message not complete yet (rewriting needs it whole)
         self.held = b""  # a header cut by a chunk, held back (see _relay)
         self.params = params  # tracked parameter values this client expects

@@ -29,7 +29,6 @@ from ipc import channel, shm
 from prefork import log as plog
 from prefork.config import Config
 
-from . import prepared
 from .exchange import Exchange
 from .limits import Limits
 from .login import Login, forward_cancel
@@ -78,8 +77,6 @@ class Worker:
         self.exchange = Exchange(self, inboxes)
         self.exchange.on(channel.Reload, self._on_reload)
         self.exchange.on(channel.Command, self._on_command)
-        self.statement_versions = prepared.Versions()
-        self.exchange.on(channel.StaleStatement, self._on_stale_statement)
         self._ids = itertools.count(1)
         self._hosts: dict[str, itertools.count] = {}
         self._accepting: list = []
@@ -203,20 +200,6 @@ class Worker:
 
     def is_disabled(self, dbname: str) -> bool:
         return dbname in self.state.disabled_dbs
-
-    # ------------------------------------------------------------------ prepared statements
-
-    def statement_stale(self, ename: bytes) -> None:
-        """A server found a prepared statement stale: no worker prepares that name again."""
-        if ename in self.statement_versions.stale:
-            return
-        self.statement_versions.mark_stale(ename)
-        message = channel.StaleStatement(ename.decode())
-        for slot in self.exchange.live_slots():
-            self.exchange.post(slot, message)
-
-    def _on_stale_statement(self, message: channel.StaleStatement, fds: list[int]) -> None:
-        self.statement_versions.mark_stale(message.name.encode())
 
     # ------------------------------------------------------------------ lookups and ids
 
