@@ -258,6 +258,18 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
         # Flush, CopyData/Done/Fail, Terminate: no reply of their own.
 
 
+_REPLIES = {proto.F_PARSE: b"1", proto.F_BIND: b"2", proto.F_DESCRIBE: b"Tn",
+            proto.F_EXECUTE: b"CIsE", proto.F_CLOSE: b"3"}
+
+
+def in_flight(st: ServerStatements, syncs: int, unsynced: list[int]) -> None:
+    """A client starts naming statements with requests of its still unanswered: ``syncs``
+    requests ended by a Sync (or Query), then the extended-protocol messages ``unsynced`` of
+    a pipeline. Their replies pass through as they are."""
+    st.queue.extend(Expect(b"Z", sync=True) for _ in range(syncs))
+    st.queue.extend(Expect(_REPLIES[mtype]) for mtype in unsynced)
+
+
 def _ensure(client: Client, server: Server, st: ServerStatements, name: bytes,
             out: bytearray) -> Preparation | None:
     """The server's preparation to use for the client's statement, prepared on this server

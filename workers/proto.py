@@ -396,7 +396,7 @@ class FrontendScanner(_Scanner):
     """
 
     __slots__ = ("syncs", "ext_open", "syncs_since_exec", "copy_in", "terminate", "simple_queries",
-                 "watch_named", "named")
+                 "watch_named", "named", "unsynced")
 
     def __init__(self, max_size: int = 0x7FFFFFFF, watch_named: bool = False) -> None:
         super().__init__(max_size)
@@ -410,12 +410,16 @@ class FrontendScanner(_Scanner):
         # ``named`` says one was seen (or a Parse/Bind/Describe/Close too split to tell).
         self.watch_named = watch_named
         self.named = False
+        # While watched: the extended-protocol messages since the last Sync, in order (a
+        # pipeline's replies still owed when rewriting begins: see Client._enter_statements).
+        self.unsynced: list[int] = []
 
-    def unsee(self, syncs: int, syncs_since_exec: int) -> None:
+    def unsee(self, syncs: int, syncs_since_exec: int, unsynced: int) -> None:
         """Forget a chunk whose messages will be fed again (rewritten): its counts go back;
         the rest of what it changed the second feed sets alike."""
         self.syncs = syncs
         self.syncs_since_exec = syncs_since_exec
+        del self.unsynced[unsynced:]
         self.remaining = 0
         self.head = b""
         self.body = None
@@ -428,6 +432,8 @@ class FrontendScanner(_Scanner):
         self.syncs_since_exec = 0
         self.simple_queries += 1
         self.ext_open = False
+        if self.unsynced:
+            self.unsynced.clear()
 
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
         if mtype == F_QUERY:
@@ -437,16 +443,22 @@ class FrontendScanner(_Scanner):
             if not self.copy_in:
                 self.syncs += 1
                 self.syncs_since_exec += 1
+            if self.unsynced:
+                self.unsynced.clear()
         elif mtype == F_COPY_DATA:
             pass
         elif mtype == F_EXECUTE:
             self.ext_open = True
             self.syncs_since_exec = 0
+            if self.watch_named:
+                self.unsynced.append(mtype)
         elif mtype in _EXTENDED:
             if not (mtype == F_FLUSH and self.copy_in):
                 self.ext_open = True
-            if self.watch_named and mtype != F_FLUSH and names_statement(mtype, buf, start, end):
-                self.named = True
+            if self.watch_named and mtype != F_FLUSH:
+                self.unsynced.append(mtype)
+                if names_statement(mtype, buf, start, end):
+                    self.named = True
         elif mtype == F_COPY_DONE or mtype == F_COPY_FAIL:
             self.copy_in = False
         elif mtype == F_FUNCTION_CALL:

@@ -222,10 +222,10 @@ class Client(Conn):
             queries = fs.simple_queries
             watch = fs.watch_named
             if watch:
-                since, raw = fs.syncs_since_exec, fs.remaining
+                since, raw, unsynced = fs.syncs_since_exec, fs.remaining, len(fs.unsynced)
             fs.feed(_BUF, n)
             if fs.named:
-                fs.unsee(syncs, since)
+                fs.unsee(syncs, since, unsynced)
                 self._enter_statements(raw, n)
                 return
             if fs.terminate:
@@ -275,12 +275,18 @@ class Client(Conn):
         fs.watch_named = False
         self.ps_mode = True
         server = self.server
+        if self.pending is not None:
+            # Parked (see _relay): all of it is rewritten when its server is ready.
+            self._park_more(self.held + bytes(_MV[:n]), 0)
+            self.held = b""
+            fs.unsynced.clear()
+            return
         if server is not None:
             # Requests still in flight were sent unrewritten: their replies pass through.
-            for _ in range(server.expect):
-                server.statements.queue.append(prepared.Expect(b"Z", sync=True))
+            prepared.in_flight(server.statements, server.expect, fs.unsynced)
             if raw:
                 server.forward(bytes(_MV[:raw]), 0, _monotonic())
+        fs.unsynced.clear()
         self.ps_partial = self.held
         self.held = b""
         self._relay_statements(bytes(_MV[raw:n]))

@@ -266,3 +266,27 @@ def test_a_stale_statement_fails_for_every_client_bound_to_it(pg, pgherd):
             c.send(message(b"C", b"Ss1\0") + select + run)
             msgs = c.read_until_ready()
             assert [t for t, _ in msgs if t in b"E3"] == [b"3"] and data_rows(msgs) == [["1"]]
+
+
+def test_first_named_statement_in_the_middle_of_a_pipeline(pgherd):
+    """psycopg prepares a query after its fifth run, in the middle of a pipeline: the replies
+    owed to the unnamed requests before it, not yet synced, reach the client as they are."""
+    h = pgherd(settings={"pool_mode": "transaction"}, workers=1)
+    unnamed = parse("SELECT 1") + bind() + message(b"D", b"P\0") + execute()
+    with RawClient(h.host, h.port) as c:
+        c.login("postgres", "p0")
+        c.send(unnamed * 3 + FLUSH)
+        assert [t for t, _ in c.read_types(*[b"1", b"2", b"T", b"D", b"C"] * 3)]
+        c.send(unnamed + FLUSH)  # still unanswered when the named Parse comes
+        c.send(parse("SELECT 2", "s1") + bind(statement="s1") + execute() + message(b"S"))
+        msgs = c.read_until_ready()
+        assert [t for t, _ in msgs] == [b"1", b"2", b"T", b"D", b"C", b"1", b"2", b"D", b"C", b"Z"]
+        assert data_rows(msgs) == [["1"], ["2"]]
+
+    async def main():  # what found it: psycopg's test_auto_prepare
+        async with await psycopg.AsyncConnection.connect(h.dsn(), prepare_threshold=5) as conn:
+            async with conn.pipeline():
+                cursors = [await conn.execute("SELECT %s::int", [i]) for i in range(10)]
+            return [(await cur.fetchone())[0] for cur in cursors]
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == list(range(10))

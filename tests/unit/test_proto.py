@@ -171,3 +171,14 @@ def test_builders_round_trip():
         "S": "FATAL", "V": "FATAL", "C": "08P01", "M": "no such database: x"}
     assert t2 == ord("D") and b2 == b"\x00\x03\x00\x00\x00\x011\xff\xff\xff\xff\x00\x00\x00\x01x"
     assert t3 == ord("T")
+
+
+def test_frontend_scanner_lists_unsynced_messages_while_watching_names():
+    fs = FrontendScanner(watch_named=True)
+    data = bytearray(REQUESTS[:-len(msg(b"P", b"\x00x\x00\x00\x00"))]
+                     + msg(b"P", b"\x00select 3\x00\x00\x00") + msg(b"B", b"\x00\x00" + b"\x00" * 6)
+                     + msg(b"H"))
+    fs.feed(data, len(data))
+    assert fs.unsynced == [ord("P"), ord("B")]  # since the last Sync (or Query)
+    fs.unsee(fs.syncs, fs.syncs_since_exec, 1)
+    assert fs.unsynced == [ord("P")]
