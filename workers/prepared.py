@@ -416,9 +416,24 @@ def _read_done(st: ServerStatements, client: Client) -> None:
         return
     st.reading = st.read_for = None
     if not st.read_error:
-        prep.description += data
+        prep.description += _row_types(data) if data[:1] == b"T" else bytes(data)
     elif is_stale_error(proto.parse_fields(bytes(data))):
         prep.description = STALE_DESCRIPTION
+
+
+def _row_types(row_description: bytearray) -> bytes:
+    """What of a RowDescription PostgreSQL compares when it checks a statement's result
+    (column names, types, type modifiers) -- not the table's OID, which a table dropped and
+    made again with the same columns changes."""
+    out = bytearray(row_description[:7])  # type, length, column count
+    pos = 7
+    for _ in range(struct.unpack_from("!H", row_description, 5)[0]):
+        end = row_description.index(0, pos) + 1
+        out += row_description[pos:end]  # name
+        out += row_description[end + 6 : end + 10]  # type OID (after table OID, attnum)
+        out += row_description[end + 12 : end + 16]  # type modifier (after the length)
+        pos = end + 18
+    return bytes(out)
 
 
 def _undo(entry: Expect, st: ServerStatements, client: Client) -> None:

@@ -290,3 +290,25 @@ def test_first_named_statement_in_the_middle_of_a_pipeline(pgherd):
             return [(await cur.fetchone())[0] for cur in cursors]
 
     assert asyncio.run(asyncio.wait_for(main(), 10)) == list(range(10))
+
+
+def test_a_table_made_again_alike_is_no_schema_change(pg, pgherd):
+    """Tests drop and create their tables again: a statement prepared before, bound where a
+    newer preparation of the same text exists, is the same statement if its columns are."""
+    pg.sql("DROP TABLE IF EXISTS remade")
+    pg.sql("CREATE TABLE remade (id text)")
+    h = pgherd(settings={"pool_mode": "transaction", "default_pool_size": 1}, workers=1)
+    run = bind(statement="s1") + execute() + message(b"S")
+    with RawClient(h.host, h.port) as a, RawClient(h.host, h.port) as b:
+        a.login("postgres", "p0")
+        b.login("postgres", "p0")
+        a.send(parse("SELECT * FROM remade", "s1") + run)
+        assert errors_in(a.read_until_ready()) == []
+        pg.sql("DROP TABLE remade")
+        pg.sql("CREATE TABLE remade (id text)")
+        pg.sql("INSERT INTO remade VALUES ('x')")
+        b.send(parse("SELECT * FROM remade", "s1") + run)  # prepared anew on the one server
+        assert data_rows(b.read_until_ready()) == [["x"]]
+        a.send(run)
+        msgs = a.read_until_ready()
+        assert errors_in(msgs) == [] and data_rows(msgs) == [["x"]]
