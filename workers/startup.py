@@ -169,6 +169,12 @@ def greet(client: Client, server: Server) -> None:
         client.cancel_key = worker.new_cancel_key(client, server.backend_pid)
         params = b"".join(proto.parameter_status(k, v) for k, v in server.params.items())
     else:
+        # Aligned: the server has the client's values, in its own spelling (no SET ran for a
+        # value that differed only in case, "utf8" for "UTF8").
+        for name in client.params:
+            if name in server.params:
+                client.params[name] = server.params[name]
+        client.params_changed()
         learn(pool, client.startup, client)
         client.cancel_key = worker.new_cancel_key(client)
         params = pool.welcome_for(client.params)

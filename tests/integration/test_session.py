@@ -108,6 +108,8 @@ def test_a_login_waits_for_its_server_and_hears_why_it_fails(pgherd):
 
 def test_transaction_mode_reports_canonical_values_from_login(pgherd):
     h = pgherd(settings={"pool_mode": "transaction", "default_pool_size": 1}, workers=1)
+    with connect(h, client_encoding="utf8") as conn:  # no SET: it differs only in case
+        assert conn.info.parameter_status("client_encoding") == "UTF8"
     for _ in range(2):  # a server tries the values first, then the pool knows them
         with connect(h, client_encoding="utf-8", options="-c DateStyle=german") as conn:
             assert conn.info.parameter_status("client_encoding") == "UTF8"
