@@ -5,13 +5,23 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench deps postgres pgbouncer clean deb rpm
+.PHONY: test demo bench deps postgres pgbouncer clean deb rpm client-suites
 
 test: deps postgres pgbouncer
 	$(PY) -m pytest -n auto -p no:cacheprovider
 
 demo: deps postgres pgbouncer
 	$(VENV)/bin/pgherd bench --throwaway --workers 2 --clients 32 --duration 10 --select-only
+
+# psycopg's and asyncpg's own test suites (../shared/client-suites), straight to a throwaway
+# PostgreSQL and through pgherd in session and transaction mode; prints per suite and mode
+# what passed and what passed directly but not through pgherd. Long (about an hour on
+# 2 cores): not part of `make test`. SUITES=psycopg MODES=direct,session narrows it;
+# ARGS are pytest arguments for the suites.
+SUITES ?= psycopg,asyncpg
+MODES  ?= direct,session,transaction
+client-suites: deps postgres
+	$(PY) -m tests.client_suites --suites $(SUITES) --modes $(MODES) $(if $(ARGS),-- $(ARGS))
 
 deps: $(STAMP)
 
