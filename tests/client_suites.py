@@ -10,7 +10,7 @@ that passed directly did not pass through pgherd (``junit-diff.py``); each diff 
 to the results (``OUT``, default /tmp/client-suites/results).
 
     python -m tests.client_suites [--suites psycopg,asyncpg] [--modes direct,session,transaction]
-                                  [--report-only] [-- extra pytest args]
+                                  [--set key=value] [--report-only] [-- extra pytest args]
 
 ``--report-only`` prints the table from results already there (one mode can be rerun alone:
 the machine is shared, and a whole run takes long).
@@ -72,9 +72,10 @@ TRANSACTION_SKIPS = {
 }
 
 
-def run_pooled(pg: PgCluster, suite: str, mode: str, extra: list[str], workdir: Path) -> None:
+def run_pooled(pg: PgCluster, suite: str, mode: str, extra: list[str], workdir: Path,
+               settings: dict[str, str]) -> None:
     h = Pgherd(pg, workdir / f"{suite}-{mode}",
-               settings={**PGHERD_SETTINGS, "pool_mode": mode}, workers=2)
+               settings={**PGHERD_SETTINGS, "pool_mode": mode, **settings}, workers=2)
     h.start()
     if mode == "transaction":
         extra = TRANSACTION_SKIPS.get(suite, []) + extra
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suites", default="psycopg,asyncpg")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a pgherd setting for the pooled runs (OUT= another directory)")
     parser.add_argument("extra", nargs="*", help="pytest arguments for the suites (after --)")
     args = parser.parse_args(argv)
     suites = args.suites.split(",")
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                     if mode == "direct":
                         run_suite(suite, pg.port, mode, args.extra)
                     else:
-                        run_pooled(pg, suite, mode, args.extra, workdir)
+                        run_pooled(pg, suite, mode, args.extra, workdir,
+                                   dict(kv.split("=", 1) for kv in args.set))
         finally:
             pg.stop()
     print(report(suites))
