@@ -32,6 +32,7 @@ import fcntl
 import mmap
 import os
 import struct
+import time
 import zlib
 
 import msgspec
@@ -57,6 +58,11 @@ _SLOT_OFFSET = {name: i * 8 for i, name in enumerate(SLOT_FIELDS)}
 
 # Worker slot states.
 EMPTY, STARTING, READY, DRAINING = 0, 1, 2, 3
+
+#: A worker writes its heartbeat this often; one whose heartbeat is older than STALLED_AFTER
+#: is taken for stopped (SIGSTOP, a blocking bug): nothing is handed to it meanwhile.
+HEARTBEAT_PERIOD = 0.02
+STALLED_AFTER_NS = 100_000_000
 STATE_NAMES = {EMPTY: "empty", STARTING: "starting", READY: "ready", DRAINING: "draining"}
 
 
@@ -267,6 +273,15 @@ class Segment:
                 return WorkerSlot(slot, *values[1:])
             os.sched_yield()
 
+    def beat(self, slot: int, now_ns: int) -> None:
+        """The worker's heartbeat: one aligned word, no seqlock needed to write or read it."""
+        self.q[(self._slot(slot) + _SLOT_OFFSET["heartbeat_ns"]) >> 3] = now_ns
+
+    def stalled(self, slot: int, now_ns: int) -> bool:
+        """Has the worker of ``slot`` missed its heartbeats for STALLED_AFTER_NS?"""
+        return now_ns - self.q[(self._slot(slot) + _SLOT_OFFSET["heartbeat_ns"]) >> 3] \
+            > STALLED_AFTER_NS
+
     def read_all(self, count: int | None = None) -> list[WorkerSlot]:
         return [self.read(i) for i in range(count if count is not None else self.max_workers)]
 
@@ -384,7 +399,8 @@ class Segment:
         self.mm[base + FLAGS_OFFSET + slot] = 1 if count else 0
 
     def oldest_waiter_elsewhere(self, row: int, slot: int) -> tuple[int, int] | None:
-        """(slot, waiting_since_ns) of the longest-waiting other worker, or None.
+        """(slot, waiting_since_ns) of the longest-waiting other worker that is not stalled,
+        or None.
 
         Runs at every release of a server: the common answer (nobody waits) costs one
         comparison; the flags are then searched in C, not in a Python loop.
@@ -396,11 +412,14 @@ class Segment:
         best = None
         cells = (self._row_base(row) + CELLS_OFFSET + _CELL_OFFSET["waiting_since_ns"]) >> 3
         q = self.q
+        now_ns = time.monotonic_ns()
         other = flags.find(1)
         while other >= 0:
             if other != slot:
                 since = q[cells + other * _CELL_WORDS]
-                if since and (best is None or since < best[1]):
+                # A stopped worker's clients wait longest of all: never send servers there.
+                if since and (best is None or since < best[1]) and not self.stalled(
+                        other, now_ns):
                     best = (other, since)
             other = flags.find(1, other + 1)
         return best

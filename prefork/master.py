@@ -35,7 +35,7 @@ from .settings import SETTINGS
 
 log = logging.getLogger("pgherd")
 
-TICK = 0.25  # seconds between housekeeping rounds when no signal arrives
+TICK = 0.05  # seconds between housekeeping rounds: a stopped worker is noticed within this
 CHECK_EVERY = 5.0  # seconds between memory checks and systemd STATUS lines
 STABLE_AFTER = 5.0  # a worker that lived this long resets its crash back-off
 MAX_BACKOFF = 10.0
@@ -62,6 +62,7 @@ class Slot:
         self.respawn_at = 0.0
         self.restarts = 0
         self.recycling = False  # drained on purpose (max_worker_memory): replace at once
+        self.stalled = False  # its heartbeat stopped: what is handed to it goes elsewhere
 
 
 class Master:
@@ -149,6 +150,7 @@ class Master:
             if mail in readable:
                 self._read_mail()
             self._reap()
+            self._rescue_stalled()
             self._release_ghosts()
             self.statslog.tick(time.monotonic(), self.config.settings)
             if self.stopping:
@@ -540,21 +542,67 @@ class Master:
                 return
 
     def _salvage_inbox(self, index: int) -> None:
-        """A slot that will not be served again may still hold connections in its inbox
-        (a client or server handed to it as it drained): pass them to a live worker."""
-        live = [s.index for s in self.slots if s.pid and s.index < self.config.settings.workers]
+        """A slot that will not be served again may still hold connections (a client or
+        server handed to it as it drained, a cancel's connection): pass the hand-overs on to
+        a live worker; hang up the rest."""
+        while (got := self.inboxes.receive(index)) is not None:
+            for fd in got[1]:
+                os.close(fd)
+        self._pass_on(index, self._runnable())
+
+    def _runnable(self) -> list[int]:
+        """Worker slots that run now: alive, wanted, heartbeat fresh."""
+        now_ns = time.monotonic_ns()
+        return [s.index for s in self.slots if s.pid and s.index < self.config.settings.workers
+                and not self.segment.stalled(s.index, now_ns)]
+
+    def _rescue_stalled(self) -> None:
+        """A worker that stopped running (SIGSTOP, a blocking bug) must not sit on servers
+        and clients the others handed it: within a tick they go back to their sender or on to
+        a worker that runs. The others stop handing it anything by the same heartbeat."""
+        now_ns = time.monotonic_ns()
+        runnable = None
+        for slot in self.slots:
+            if not slot.pid:
+                continue
+            if not self.segment.stalled(slot.index, now_ns):
+                if slot.stalled:
+                    slot.stalled = False
+                    log.info("worker %d (pid %d) is running again", slot.index, slot.pid)
+                continue
+            if self.segment.read(slot.index).state != shm.READY:
+                continue  # starting: no heartbeat yet, and nothing handed to it either
+            if not slot.stalled:
+                slot.stalled = True
+                log.warning("worker %d (pid %d) stopped running (no heartbeat for %d ms): "
+                            "its hand-overs go to the other workers", slot.index, slot.pid,
+                            shm.STALLED_AFTER_NS // 1_000_000)
+            if runnable is None:
+                runnable = self._runnable()
+            self._pass_on(slot.index, runnable)
+
+    def _pass_on(self, index: int, runnable: list[int]) -> None:
+        """Move the hand-overs waiting in slot ``index``'s lane to runnable workers: a server
+        back to the worker that sent it, a client to any. One that finds no taker stays (or
+        is hung up if its slot is gone for good)."""
+        gone = index >= self.config.settings.workers
         for turn in itertools.count():
-            got = self.inboxes.receive(index)
+            got = self.inboxes.receive(index, lane=True)
             if got is None:
                 return
             message, fds = got
-            moved = bool(fds) and bool(live) and isinstance(
-                message, (channel.Handoff, channel.ClientHandoff)) and self.inboxes.send(
-                live[turn % len(live)], message, fds)
+            targets = runnable
+            if isinstance(message, channel.Handoff) and message.from_slot in runnable:
+                targets = [message.from_slot]
+            moved = bool(targets) and self.inboxes.send(targets[turn % len(targets)], message,
+                                                        fds)
+            back = not moved and not gone and self.inboxes.send(index, message, fds)
             for fd in fds:
                 os.close(fd)  # sent ones travel on as copies; the rest are hung up
-            if fds and not moved:
-                log.warning("worker %d: a connection left in its inbox was closed", index)
+            if back:
+                return  # no taker now: the next tick tries again
+            if not moved:
+                log.warning("worker %d: a connection handed to it was closed", index)
 
     def _release_ghosts(self) -> None:
         now = time.monotonic()

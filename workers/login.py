@@ -54,13 +54,22 @@ class Refused(Exception):
         self.log_text = log_text or text
 
 
-class LoginFailed(Exception):
-    """A server login failed; ``fields`` are the ErrorResponse to pass on to clients."""
+#: Server login errors that pass by themselves (PostgreSQL restarting, shutting down, full).
+TRANSIENT_SQLSTATES = frozenset(("57P01", "57P02", "57P03", "53300", "53400"))
 
-    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+
+class LoginFailed(Exception):
+    """A server login failed; ``fields`` are the ErrorResponse to pass on to clients.
+    ``transient``: the server could not be reached or is restarting, rather than refusing
+    this login (the pool retries sooner, see ``pool.TRANSIENT_LOGIN_RETRY``)."""
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None,
+                 transient: bool | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields or {"S": "FATAL", "C": "08P01", "M": message}
+        self.transient = (transient if transient is not None
+                          else self.fields.get("C", "") in TRANSIENT_SQLSTATES)
 
 
 # --------------------------------------------------------------------------- cooperative I/O
@@ -277,6 +286,10 @@ class Login:
             if not can_wait:
                 raise _Wait()
             _wait_welcome(pool, self.deadline)
+        else:
+            failing = pool.fast_fail()
+            if failing is not None:
+                raise Refused(failing)
         client = Client(worker, sock, pool, {**pool.welcome_tracked, **client_params}, user,
                         dbname, self.cid, self.peer, self.watcher)
         self.watcher = None
@@ -395,10 +408,12 @@ def _wait_welcome(pool: Pool, deadline: float) -> None:
         if shared is not None:
             pool.set_welcome(shared)
             break
-        cached = pool.cached_login_error()
-        if cached is not None and pool.login_error is not None:
+        # The server refused the login itself: its error is the client's too. Through a
+        # passing failure (a restart) the client waits for the retry, up to its timeout.
+        failing = pool.fast_fail()
+        if failing is not None and not pool.login_transient:
             fields = pool.login_error
-            raise Refused(fields.get("M", cached), fields.get("C", "08P01"), log_text=cached)
+            raise Refused(fields.get("M", failing), fields.get("C", "08P01"), log_text=failing)
         event = pool.welcome_ready
         pool.grow()
         remaining = deadline - _monotonic()
@@ -521,18 +536,19 @@ def open_server(pool: Pool) -> Server:
     try:
         sock = connect(target, deadline)
     except LoginTimeout:
-        raise LoginFailed("connect timeout") from None
+        raise LoginFailed("connect timeout", transient=True) from None
     except OSError as exc:
-        raise LoginFailed("connect failed: %s" % exc.strerror) from None
+        raise LoginFailed("connect failed: %s" % exc.strerror, transient=True) from None
     try:
         params, pid, key = _server_startup(pool, sock, deadline)
     except LoginTimeout:
         sock.close()
-        raise LoginFailed("connect timeout") from None
+        raise LoginFailed("connect timeout", transient=True) from None
     except (ClientGone, ProtocolError) as exc:
         sock.close()
-        raise LoginFailed("server closed the connection during login: %s" % exc) from None
-    except LoginFailed:
+        raise LoginFailed("server closed the connection during login: %s" % exc,
+                          transient=True) from None
+    except BaseException:
         sock.close()
         raise
     server = Server(worker, sock, pool, params, pid, key, target)

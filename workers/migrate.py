@@ -82,7 +82,7 @@ class Drain:
         if server is None:
             return True
         # Session mode: the client keeps its server; both go once the server is idle.
-        return client.mode == SESSION and server.clean_for_release() and server.out is None
+        return client.mode == SESSION and server.clean_for_release(client) and server.out is None
 
     def move(self, client: Client) -> bool:
         target = self.target()
@@ -117,18 +117,16 @@ class Drain:
 
 def receive_client(worker: Worker, m: channel.ClientHandoff, fds: list[int]) -> None:
     """Take over a client (and its session server) that a draining worker sent."""
-    sock = socket.socket(fileno=fds[0])
+    sock = socket.socket(fileno=fds.pop(0))
     sock.setblocking(False)
-    server = worker.exchange.receive_server(m.server, fds[1]) if m.server else None
+    server = worker.exchange.receive_server(m.server, fds.pop(0)) if m.server else None
     db = worker.database(m.db)
-    if db is None:
+    rows = server.pool.rows if server else worker.limits.find_rows(m.db, m.user)
+    if db is None or rows is None:  # rows: the sender's pool made them, unless corrupt
         sock.close()
         if server is not None:
             server.close("database removed")
         return
-    rows = server.pool.rows if server else worker.limits.find_rows(m.db, m.user)
-    if rows is None:  # the sender's pool made them; only a corrupt segment lacks them
-        raise RuntimeError("client of an unknown pool %s/%s" % (m.db, m.user))
     pool = worker.pool_for(db, m.user, rows)
     client = Client(worker, sock, pool, dict(m.params), m.user, m.dbname, worker.next_id(),
                     (m.addr, m.port))

@@ -2,6 +2,7 @@
 that another process never sees half-written."""
 
 import os
+import time
 
 import pytest
 
@@ -47,6 +48,9 @@ def test_servers_total_counts_held_in_flight_and_ghosts(seg):
 
 def test_waiting_flags_name_the_oldest_other_worker(seg):
     row = seg.row(shm.row_key(shm.POOL, "db", "u"))
+    now = time.monotonic_ns()
+    for slot in range(3):
+        seg.beat(slot, now)
     assert seg.oldest_waiter_elsewhere(row, 0) is None
     seg.set_waiting(row, 1, 2, 2000)
     seg.set_waiting(row, 2, 1, 1000)
@@ -54,6 +58,23 @@ def test_waiting_flags_name_the_oldest_other_worker(seg):
     assert seg.oldest_waiter_elsewhere(row, 2) == (1, 2000)
     seg.set_waiting(row, 2, 0, 0)
     assert seg.oldest_waiter_elsewhere(row, 0) == (1, 2000)
+
+
+def test_a_stalled_worker_is_never_the_oldest_waiter(seg):
+    """Its clients wait longest of all once it stops: servers must not flow there."""
+    row = seg.row(shm.row_key(shm.POOL, "db", "u"))
+    now = time.monotonic_ns()
+    seg.beat(0, now)
+    seg.beat(1, now - shm.STALLED_AFTER_NS - 1)  # stopped
+    seg.beat(2, now)
+    seg.set_waiting(row, 1, 5, 1000)
+    seg.set_waiting(row, 2, 1, 2000)
+    assert seg.stalled(1, now) and not seg.stalled(2, now)
+    assert seg.oldest_waiter_elsewhere(row, 0) == (2, 2000)
+    seg.set_waiting(row, 2, 0, 0)
+    assert seg.oldest_waiter_elsewhere(row, 0) is None
+    seg.beat(1, time.monotonic_ns())  # running again
+    assert seg.oldest_waiter_elsewhere(row, 0) == (1, 1000)
 
 
 def test_handovers_sum_pool_rows_only(seg):
