@@ -158,6 +158,66 @@ class Sampler(threading.Thread):
         self.join()
 
 
+class Load:
+    """Clients that run ``query`` in a loop through a pooler, reconnecting after an error
+    as applications do, each in a thread; the measure of what a fault costs. Use as a
+    context manager; ``done`` holds the monotonic time of every transaction that succeeded,
+    ``errors`` (time, exception) of every one that failed."""
+
+    def __init__(self, dsn: str, clients: int = 8,
+                 query: str = "SELECT pg_sleep(0.002)", connect_timeout: int = 5) -> None:
+        self.dsn = dsn
+        self.query = query
+        self.connect_timeout = connect_timeout
+        self.done: list[float] = []
+        self.errors: list[tuple[float, BaseException]] = []
+        self.last_ok = [0.0] * clients
+        self._halt = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
+                         for i in range(clients)]
+
+    def _loop(self, i: int) -> None:
+        conn = None
+        while not self._halt.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None,
+                                           connect_timeout=self.connect_timeout)
+                conn.execute(self.query)
+                self.last_ok[i] = now = time.monotonic()
+                self.done.append(now)
+            except psycopg.Error as exc:
+                self.errors.append((time.monotonic(), exc))
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                self._halt.wait(0.02)  # no busy loop while nothing answers
+        if conn is not None:
+            conn.close()
+
+    def count(self, start: float, end: float) -> int:
+        """Transactions done in [start, end)."""
+        return sum(1 for t in list(self.done) if start <= t < end)
+
+    def failed(self, start: float = 0.0, end: float = float("inf")) -> list[BaseException]:
+        return [e for t, e in list(self.errors) if start <= t < end]
+
+    def all_served_after(self, t0: float) -> bool:
+        return all(t > t0 for t in self.last_ok)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        wait_for(lambda: self.all_served_after(0.0), timeout=20,
+                 message=lambda: f"every load client served once; errors {self.errors[-3:]}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        for t in self._threads:
+            t.join(15)
+
+
 # --------------------------------------------------------------------------------------
 # ports
 # --------------------------------------------------------------------------------------
@@ -423,6 +483,37 @@ class PgCluster:
         for db in self.databases:
             with self.connect(dbname=db) as conn:
                 conn.execute("GRANT ALL ON SCHEMA public TO PUBLIC")
+
+    # -- the server process, for tests of outages ---------------------------------
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``pg_ctl -D <datadir> -l <log> ARGS`` as the cluster's owner."""
+        return self.run_as_pg([self._bin("pg_ctl"), "-D", self.datadir, "-l", self.log_path,
+                               *args], check=check)
+
+    def answers(self) -> bool:
+        try:
+            return self.sql("SELECT 1", dbname="postgres") == [(1,)]
+        except psycopg.OperationalError:
+            return False
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop PostgreSQL (the data stays); `start_server` brings it back."""
+        self.ctl("-m", mode, "-w", "-t", "60", "stop")
+
+    def start_server(self) -> None:
+        """Start PostgreSQL again and wait until it answers. The cluster serves every later
+        test of this xdist worker: whatever happened, it is up when this returns."""
+        if self.ctl("status", check=False).returncode != 0:
+            self.ctl("-w", "-t", "60", "start")
+        wait_for(self.answers, timeout=30, message="PostgreSQL up again")
+
+    def restart_server(self) -> None:
+        """``pg_ctl restart -m fast``; up again when this returns, whatever happens."""
+        try:
+            self.ctl("-m", "fast", "-w", "-t", "60", "restart")
+        finally:
+            self.start_server()
 
     def stop(self) -> None:
         """``pg_ctl stop -m immediate`` and remove the data directory."""

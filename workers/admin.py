@@ -61,6 +61,7 @@ def admin_login(worker: Worker, sock: socket.socket, reader: MessageReader, dead
         out = auth_ok + b"".join(proto.parameter_status(k, v) for k, v in welcome)
         send_all(sock, out + proto.backend_key_data(0, 0) + proto.ready_for_query(), deadline)
         reader.startup = False
+        reader.max_size = proto.MAX_CONSOLE_MESSAGE
         _serve(worker, sock, reader, admin)
     except Refused as exc:
         try:

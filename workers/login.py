@@ -135,7 +135,7 @@ class Login:
     """
 
     __slots__ = ("worker", "sock", "peer", "cid", "deadline", "reader", "watcher", "params",
-                 "admitted", "user", "dbname")
+                 "admitted", "user", "dbname", "greenlet")
 
     def __init__(self, worker: Worker, sock: socket.socket, peer: tuple[str, int],
                  cid: int) -> None:
@@ -149,6 +149,7 @@ class Login:
         self.params: dict[str, str] | None = None
         self.admitted = False  # holds one of the service's max_client_conn places
         self.user = self.dbname = "?"
+        self.greenlet: gevent.Greenlet | None = None
         worker.logins += 1
 
     @property
@@ -187,7 +188,7 @@ class Login:
             done = step(can_wait)
         except _Wait:
             self._stop_watching()
-            gevent.spawn(self._guarded, self._step, True)
+            self.greenlet = gevent.spawn(self._guarded, self._step, True)
             return
         except Refused as exc:
             self._refuse(exc)
@@ -262,9 +263,10 @@ class Login:
                         self.addr)
             return
         if not self.admitted:
-            self.admitted = _admit(worker, can_wait)
+            self.admitted = _admit(worker, can_wait) or self._evict_unauthenticated()
             if not self.admitted:
                 raise Refused("no more connections allowed (max_client_conn)")
+            worker.unauthenticated[self] = _monotonic()
             self._log_attempt()
         if worker.draining:
             raise Refused("pooler is shutting down")
@@ -279,6 +281,7 @@ class Login:
                              or (db.name, pool_user) not in worker.pools):
             raise _Wait()  # a password exchange, or a new pool's shared rows
         keys, auth_ok = authenticate(worker, sock, self.reader, self.deadline, user, db)
+        worker.unauthenticated.pop(self, None)
         pool = worker.pool_for(db, pool_user)
         if keys is not None and pool.scram_keys is None:
             pool.scram_keys = keys
@@ -303,6 +306,22 @@ class Login:
         self.admitted = False  # the client owns its place now; Client.disconnect gives it back
         client.start()
         client.write(b"".join(out))  # a fresh socket takes it; else the backlog does
+
+    def _evict_unauthenticated(self) -> bool:
+        """max_client_conn is reached: take the place of this worker's oldest login still
+        in authentication, if any. A flood of logins that never finish (a SCRAM exchange
+        left hanging) then cannot keep legitimate clients out until client_login_timeout."""
+        waiting = self.worker.unauthenticated
+        for victim, since in waiting.items():
+            if victim.greenlet is not None:
+                del waiting[victim]
+                victim.admitted = False  # its place is ours now
+                victim.greenlet.kill(Refused("no more connections allowed (max_client_conn)"),
+                                     block=False)
+                log.info("%s: still authenticating after %.1fs: evicted for a new login",
+                         victim.label, _monotonic() - since)
+                return True
+        return False
 
     # -- endings -------------------------------------------------------------------------
 
@@ -331,6 +350,7 @@ class Login:
         self._stop_watching()
         if self.worker is None:
             return  # already over
+        self.worker.unauthenticated.pop(self, None)
         self.worker.logins -= 1
         if self.admitted:
             self.worker.limits.client_closed()
@@ -438,6 +458,7 @@ def authenticate(worker: Worker, sock: socket.socket, reader: MessageReader, dea
     method = s.auth_type
     stored = worker.config.userlist.get(user)
     reader.startup = False
+    reader.max_size = proto.MAX_LOGIN_MESSAGE
     if method == "any":
         if not db.user:
             raise Refused("bouncer config error", log_text="auth_type=any requires a forced user")

@@ -22,6 +22,11 @@ GSSENC_REQUEST_CODE = 80877104
 
 # Startup packets are small; PostgreSQL itself refuses anything over 10000 bytes.
 MAX_STARTUP_PACKET = 10000
+# Any other message before authentication (password, SASL): a password is at most 65531
+# bytes in PgBouncer. An unauthenticated client never makes pgherd hold more than this.
+MAX_LOGIN_MESSAGE = 65536
+# A query typed at the admin console.
+MAX_CONSOLE_MESSAGE = 1 << 20
 
 HEADER = struct.Struct("!cI")
 INT32 = struct.Struct("!I")

@@ -65,6 +65,7 @@ class Worker:
         self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
         self.drains: dict = {}  # Server -> until when it may drain (Server.client_left)
         self.handshakes: dict = {}  # Login -> its deadline, while no greenlet enforces it
+        self.unauthenticated: dict = {}  # Login -> admitted at; a place, no auth yet; oldest first
         # SHOW STATS averages: per database, the last stats_period (every worker computes
         # the same from shared memory at the same wall-clock boundaries).
         self.averages: dict[str, list[float]] = {}

@@ -352,26 +352,6 @@ def test_sigquit_exits_at_once_with_clients(pg, pgherd, scratch_table):
 # --------------------------------------------------------------------------- PostgreSQL restart
 
 
-def _pg_answers(pg) -> bool:
-    try:
-        return pg.sql("SELECT 1", dbname="postgres") == [(1,)]
-    except psycopg.OperationalError:
-        return False
-
-
-def restart_postgres(pg) -> None:
-    """``pg_ctl restart -m fast`` as the fixture runs pg_ctl (``-l`` keeps the server's
-    output in its log instead of our pipe). The cluster serves every later test of this
-    xdist worker: whatever happens, it is up again when this returns."""
-    ctl = [pg.bindir / "pg_ctl", "-D", pg.datadir]
-    try:
-        pg.run_as_pg(ctl + ["-l", pg.log_path, "-m", "fast", "-w", "-t", "60", "restart"])
-    finally:
-        if pg.run_as_pg(ctl + ["status"], check=False).returncode != 0:
-            pg.run_as_pg(ctl + ["-l", pg.log_path, "-w", "-t", "60", "start"])
-        wait_for(lambda: _pg_answers(pg), timeout=30, message="PostgreSQL up again")
-
-
 def test_postgres_restart_under_load(pg, pgherd, pgbench_db):
     # server_login_retry = 1: after a failed server login PgBouncer fails new clients fast
     # for server_login_retry seconds (15 by default); logins fail while PostgreSQL restarts,
@@ -409,7 +389,7 @@ def test_postgres_restart_under_load(pg, pgherd, pgbench_db):
         wait_for(lambda: all(last_ok), timeout=10, message="every client served once")
         assert not errors, errors
         t_restart = time.monotonic()
-        restart_postgres(pg)
+        pg.restart_server()
         t_up = time.monotonic()
         # every client gets served again within a few seconds, pgherd untouched
         wait_for(lambda: all(t > t_up for t in last_ok), timeout=5,
