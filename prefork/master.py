@@ -352,8 +352,7 @@ class Master:
             log.warning("SET %s: needs a restart, ignored", key)  # PgBouncer accepts these
             self._reply(requester, "")
             return
-        settings = msgspec.structs.replace(self.config.settings, **{key: value})
-        self._apply(msgspec.structs.replace(self.config, settings=settings), requester)
+        self._apply(self.config.with_setting(key, value), requester)
 
     def _fan_out(self, requester: tuple[int, int], name: str, arg: str,
                  slots: list[int]) -> None:

@@ -278,6 +278,23 @@ def test_worker_count_changes_live_under_load(pg, pgherd, pgbench_db):
     assert config_everywhere(h, "workers", slots=1) == {0: "1"}
 
 
+def listening_sockets(h) -> int:
+    """TCP listeners the master holds on the service's port (one per live worker slot)."""
+    return sum(1 for c in psutil.Process(h.pid).net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == h.port)
+
+
+def test_set_workers_0_means_one_per_cpu_as_in_the_ini(pg, pgherd):
+    cpus = os.cpu_count() or 1
+    h = pgherd(settings=TX, workers=1 if cpus > 1 else 2)
+    h.admin("SET workers = 0")
+    wait_for(lambda: titles(h) == [f"pgherd: worker {i}" for i in range(cpus)], timeout=10,
+             message=lambda: f"one worker per CPU ({cpus}), have {titles(h)}")
+    assert served_by(h, cpus) == set(range(cpus))
+    assert listening_sockets(h) == cpus
+    assert config_everywhere(h, "workers", slots=cpus) == {i: str(cpus) for i in range(cpus)}
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
