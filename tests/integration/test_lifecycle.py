@@ -295,6 +295,34 @@ def test_set_workers_0_means_one_per_cpu_as_in_the_ini(pg, pgherd):
     assert config_everywhere(h, "workers", slots=cpus) == {i: str(cpus) for i in range(cpus)}
 
 
+def test_a_slot_grown_back_while_its_worker_drains_gets_its_listener(pg, pgherd,
+                                                                     scratch_table):
+    h = pgherd(settings=TX, workers=2)
+    conns = []
+    try:
+        # a transaction open on worker 1 keeps it draining after the shrink
+        while not conns or slot_of(conns[-1]) != 1:
+            conns.append(h.connect(autocommit=False, **NO_PREPARE))
+        conn = conns[-1]
+        conn.execute(f"INSERT INTO {scratch_table} VALUES (1)")
+        old = pid_of_slot(h, 1)
+        h.admin("SET workers = 1")
+        h.wait_log(r"worker 1 draining")
+        h.admin("SET workers = 2")  # wanted again before its worker could leave
+        assert pid_of_slot(h, 1) == old
+        conn.commit()  # the client moves to worker 0, worker 1 exits and is replaced
+        wait_for(lambda: pid_of_slot(h, 1) not in (None, old), timeout=10,
+                 message=lambda: f"a new worker 1, have {titles(h)}")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.commit()
+    finally:
+        for c in conns:
+            c.close()
+    assert served_by(h, 2) == {0, 1}
+    assert listening_sockets(h) == 2
+    assert "worker 1 (pid %d) exited with status" % old not in h.log()  # not taken for a crash
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
