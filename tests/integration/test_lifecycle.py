@@ -323,6 +323,26 @@ def test_a_slot_grown_back_while_its_worker_drains_gets_its_listener(pg, pgherd,
     assert "worker 1 (pid %d) exited with status" % old not in h.log()  # not taken for a crash
 
 
+def test_shrinking_keeps_the_stats_of_the_retiring_worker(pg, pgherd, pgbench_db):
+    h = pgherd(settings={**TX, "default_pool_size": 8}, workers=2)
+    with Bench(pg, h, "-c", "8", "-j", "2", "-T", "4", "-S") as bench:
+        wait_started(pg, pgbench_db)
+        h.admin("SET workers = 1")  # worker 1 drains while pgbench runs
+        wait_for(lambda: titles(h) == ["pgherd: worker 0"], timeout=5,
+                 message=lambda: f"worker 0 alone while pgbench runs, have {titles(h)}")
+        assert bench.running(), "pgbench ended before the shrink completed"
+        bench.finish()
+    n = bench.assert_clean()
+
+    def xacts() -> int:
+        return sum(int(r["total_xact_count"]) for r in h.admin_dicts("SHOW STATS")
+                   if r["database"] == pgbench_db)
+
+    # pgbench runs two queries of its own before the run (see test_one_pooler)
+    wait_for(lambda: xacts() == n + 2, timeout=5,
+             message=lambda: f"SHOW STATS total_xact_count {xacts()} == pgbench's {n} + 2")
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
