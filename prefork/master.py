@@ -131,6 +131,7 @@ class Master:
 
         self.unix = listeners.bind_unix(self.config)
         try:
+            listeners.check_free(self.config)
             for i in range(s.workers):
                 self.slots.append(Slot(i))
                 self.slots[i].bind(self.config)
