@@ -965,7 +965,7 @@ class SplitPgherdTarget(PgherdTarget):
         self.ini_paths = [workdir / f"{self.name}-{i}.ini" for i in range(self.instances)]
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "workers": 1,
+        return {**super().settings(), "workers": 1, "so_reuseport": 1,
                 "default_pool_size": math.ceil(self.pool.pool_size / self.instances)}
 
     def command(self) -> list[str]:

@@ -144,6 +144,23 @@ class Config(msgspec.Struct, frozen=True):
         db = self.databases.get(name)
         return db if db is not None else self.databases.get("*")
 
+    def with_setting(self, name: str, value: Any) -> Config:
+        """This configuration with one setting changed (the console's SET), resolved as
+        the same value read from the file would be."""
+        values = msgspec.structs.asdict(self.settings)
+        values[name] = value
+        _resolve(values, self.path)
+        return msgspec.structs.replace(self, settings=Settings(**values))
+
+
+def _resolve(values: dict[str, Any], path: str) -> None:
+    """Values that stand for another one: ``workers = 0`` is one per CPU, an empty
+    ``conffile`` the file that was loaded."""
+    if values["workers"] == 0:
+        values["workers"] = os.cpu_count() or 1
+    if not values["conffile"]:
+        values["conffile"] = path
+
 
 def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
     """Read ``path`` (and its includes and auth_file) into a Config, or raise ConfigError.
@@ -160,10 +177,7 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
         loader.error(path, 0, "", "no [pgbouncer] section")
 
     values = loader.values
-    if values["workers"] == 0:
-        values["workers"] = os.cpu_count() or 1
-    if not values["conffile"]:
-        values["conffile"] = path
+    _resolve(values, path)
     settings = Settings(**values)
     userlist = loader.read_auth_file(path, settings)
 

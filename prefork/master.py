@@ -49,20 +49,45 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 
 
 class Slot:
-    """A worker slot: its listeners outlive the processes that serve them."""
+    """A worker slot: its listeners outlive the processes that serve them.
 
-    def __init__(self, index: int, tcp: list[socket.socket], http: list[socket.socket]) -> None:
+    They are bound before the slot's first worker is spawned and closed only when the
+    worker count shrinks below the slot; a slot wanted again is bound anew before its next
+    worker is spawned, so no worker ever runs without its listeners."""
+
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.tcp = tcp
-        self.http = http  # this slot's /metrics /health /ready listener (if configured)
+        self.bound = False
+        self.tcp: list[socket.socket] = []
+        self.http: list[socket.socket] = []  # /metrics /health /ready listener (if configured)
         self.pid = 0
         self.generation = 0
         self.started = 0.0
         self.crashes = 0
         self.respawn_at = 0.0
         self.restarts = 0
-        self.recycling = False  # drained on purpose (max_worker_memory): replace at once
+        # drained on purpose (max_worker_memory, or shrunk away): replaced at once if the
+        # slot is still wanted when its worker exits
+        self.recycling = False
         self.stalled = False  # its heartbeat stopped: what is handed to it goes elsewhere
+
+    def bind(self, config: Config) -> None:
+        """Bind this slot's listeners, all or none (ListenError)."""
+        tcp = listeners.bind_tcp(config)
+        try:
+            http = listeners.bind_http(config)
+        except listeners.ListenError:
+            for sock in tcp:
+                sock.close()
+            raise
+        self.tcp, self.http, self.bound = tcp, http, True
+
+    def close(self) -> None:
+        for sock in self.tcp + self.http:
+            sock.close()
+        self.tcp = []
+        self.http = []
+        self.bound = False
 
 
 class Master:
@@ -107,9 +132,10 @@ class Master:
 
         self.unix = listeners.bind_unix(self.config)
         try:
+            listeners.check_free(self.config)
             for i in range(s.workers):
-                self.slots.append(Slot(i, listeners.bind_tcp(self.config),
-                                       listeners.bind_http(self.config)))
+                self.slots.append(Slot(i))
+                self.slots[i].bind(self.config)
         except listeners.ListenError:
             self._close_listeners()
             raise
@@ -268,26 +294,15 @@ class Master:
         return msgspec.structs.replace(new, settings=settings)
 
     def _resize(self, old: int, new: int) -> None:
-        """Live worker-count change: new slots get listeners and workers; extra ones drain."""
+        """Live worker-count change: slots below ``new`` without a worker get one (and their
+        listeners) from :meth:`_supervise`; the others drain and lose their listeners."""
         log.info("workers: %d -> %d", old, new)
-        try:
-            for index in range(len(self.slots), new):
-                self.slots.append(Slot(index, listeners.bind_tcp(self.config),
-                                       listeners.bind_http(self.config)))
-            for slot in self.slots[:new]:
-                if not slot.pid and not slot.tcp:  # a slot shrunk earlier comes back
-                    slot.tcp = listeners.bind_tcp(self.config)
-                    slot.http = listeners.bind_http(self.config)
-        except listeners.ListenError as exc:
-            log.error("cannot add workers: %s", exc)
-            return
+        self.slots.extend(Slot(index) for index in range(len(self.slots), new))
         for slot in self.slots[new:]:
-            if slot.pid:  # moves its clients to slots below ``new``, then exits; not respawned
+            if slot.pid:  # moves its clients to slots below ``new``, then exits
                 self.inboxes.send(slot.index, channel.Command(0, -1, "DRAIN", str(new)))
-            for sock in slot.tcp + slot.http:
-                sock.close()
-            slot.tcp = []
-            slot.http = []
+                slot.recycling = True
+            slot.close()
 
     def _read_mail(self) -> None:
         while True:
@@ -354,8 +369,7 @@ class Master:
             log.warning("SET %s: needs a restart, ignored", key)  # PgBouncer accepts these
             self._reply(requester, "")
             return
-        settings = msgspec.structs.replace(self.config.settings, **{key: value})
-        self._apply(msgspec.structs.replace(self.config, settings=settings), requester)
+        self._apply(self.config.with_setting(key, value), requester)
 
     def _fan_out(self, requester: tuple[int, int], name: str, arg: str,
                  slots: list[int]) -> None:
@@ -483,13 +497,14 @@ class Master:
                 how = "exited with status %d" % os.WEXITSTATUS(status)
             lived = time.monotonic() - slot.started
             if slot.index >= self.config.settings.workers:
+                slot.recycling = False
                 log.info("worker %d (pid %d) exited: fewer workers configured", slot.index, pid)
                 self._salvage_inbox(slot.index)
                 continue
             if slot.recycling:
                 slot.recycling = False
                 slot.respawn_at = 0.0
-                log.info("worker %d (pid %d) recycled after %.0fs; replacing it", slot.index,
+                log.info("worker %d (pid %d) drained after %.0fs; replacing it", slot.index,
                          pid, lived)
                 continue
             slot.crashes = 0 if lived > STABLE_AFTER else slot.crashes + 1
@@ -604,6 +619,19 @@ class Master:
             if not moved:
                 log.warning("worker %d: a connection handed to it was closed", index)
 
+    def _bind(self, slot: Slot, now: float) -> bool:
+        """A slot's listeners before its worker is spawned (a new slot, or one shrunk away
+        and wanted again); a failure is retried a second later."""
+        if slot.bound:
+            return True
+        try:
+            slot.bind(self.config)
+        except listeners.ListenError as exc:
+            log.error("worker %d cannot start: %s", slot.index, exc)
+            slot.respawn_at = now + 1.0
+            return False
+        return True
+
     def _release_ghosts(self) -> None:
         now = time.monotonic()
         while self.ghosts and self.ghosts[0][0] <= now:
@@ -621,7 +649,7 @@ class Master:
                 if slot.index >= wanted:
                     continue  # shrunk away by a reload
                 all_ready = False
-                if now >= slot.respawn_at:
+                if now >= slot.respawn_at and self._bind(slot, now):
                     slot.restarts += 1
                     self._spawn(slot)
                 continue
@@ -650,8 +678,7 @@ class Master:
 
     def _close_listeners(self) -> None:
         for slot in self.slots:
-            for sock in slot.tcp + slot.http:
-                sock.close()
+            slot.close()
         if self.unix is not None:
             self.unix.close()
             self.unix = None

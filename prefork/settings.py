@@ -203,7 +203,8 @@ _TABLE: list[Setting] = [
         _s("unix_socket_group", "str", "", "group owning the Unix socket", restart=True),
         _s("listen_backlog", "int", 128, "listen(2) backlog of each listening socket", restart=True, supported=True),
         _s("so_reuseport", "bool", False,
-           "SO_REUSEPORT on TCP listeners; pgherd always sets it (one listener per worker)",
+           "let other services share the TCP and HTTP ports (pgherd's workers always share "
+           "them); 0 = refuse a port in use",
            restart=True, supported=True),
         _s("tcp_defer_accept", "bool", True, "TCP_DEFER_ACCEPT on listeners (45 s when on)",
            restart=True, supported=True),

@@ -9,12 +9,16 @@ worker starts draining, so ``/ready`` keeps answering 503 until that worker has 
 
 How it serves: :class:`gevent.server.StreamServer` on the existing listener, in the worker's
 hub, with a small handler (HTTP/1.1, ``Connection: close``, one request per connection).
-Hostile or slow clients cannot hurt the pooler: at most :data:`MAX_CONNECTIONS` requests per
-worker are handled at once (beyond that the listener stops accepting and the kernel backlog
-holds them), the request head must arrive within :data:`READ_TIMEOUT` seconds and fit in
-:data:`MAX_HEAD` bytes, the answer is written within :data:`WRITE_TIMEOUT` seconds; request
-bodies are never read into memory. Nothing here blocks the hub: sockets are gevent's, and the
-only other I/O is reading ``/proc`` through psutil.
+Hostile or slow clients cannot hurt the pooler nor delay anyone's answer: the listener never
+stops accepting, and a worker keeps at most :data:`MAX_CONNECTIONS` HTTP connections open —
+a new one closes the oldest (:class:`_Connections`) rather than wait behind it, since a
+request that is answered takes milliseconds and the oldest connection is the likeliest to
+be idle or stalled. The request head must arrive within :data:`READ_TIMEOUT` seconds and fit
+in :data:`MAX_HEAD` bytes; at most :data:`MAX_ANSWERS` requests whose head has arrived are
+answered at once (each scrape sends every worker a message); the answer is written within
+:data:`WRITE_TIMEOUT` seconds; request bodies are never read into memory. Nothing here
+blocks the hub: sockets are gevent's, and the only other I/O is reading ``/proc`` through
+psutil.
 
 Freshness of ``/metrics``: each scrape first calls ``worker.exchange.publish_all()``, which
 asks every worker to write its counters to shared memory now and waits for them
@@ -52,11 +56,11 @@ import os
 import socket
 import time
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 from urllib.parse import urlsplit
 
 import gevent
-import gevent.pool
+import gevent.lock
 import gevent.server
 import gevent.socket
 import psutil
@@ -70,7 +74,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgherd")
 
-MAX_CONNECTIONS = 16  # requests handled at once per worker
+MAX_CONNECTIONS = 64  # HTTP connections open at once per worker; a new one closes the oldest
+MAX_ANSWERS = 16  # requests answered at once per worker; the others wait for their turn
 MAX_HEAD = 8192  # request line + headers, bytes
 READ_TIMEOUT = 5.0  # the request head must arrive within this
 WRITE_TIMEOUT = 10.0  # the answer must be taken within this
@@ -94,19 +99,39 @@ def serve(worker: Worker, listeners: list[socket.socket]) -> list[gevent.server.
     """Start answering HTTP on ``listeners`` (already bound and listening) in this hub.
 
     Returns at once; the servers live until the worker process exits."""
-    pool = gevent.pool.Pool(MAX_CONNECTIONS)
-    metrics = Metrics(worker)
+    answering = gevent.lock.BoundedSemaphore(MAX_ANSWERS)
+    connections = _Connections(functools.partial(_handle, worker, Metrics(worker), answering))
     servers = []
     for lsock in listeners:
         gsock = gevent.socket.socket(lsock.family, lsock.type, lsock.proto,
                                      fileno=lsock.detach())
         gsock.setblocking(False)
-        server = gevent.server.StreamServer(gsock, functools.partial(_handle, worker, metrics),
-                                            spawn=pool)
+        server = gevent.server.StreamServer(gsock, connections)
         server.start()
         servers.append(server)
     _servers.extend(servers)
     return servers
+
+
+class _Connections:
+    """The worker's open HTTP connections, oldest first, each handled by ``handle`` in a
+    greenlet of its own; at most :data:`MAX_CONNECTIONS`, by closing the oldest when a new
+    one comes (its greenlet sees a hung-up client and ends)."""
+
+    def __init__(self, handle: Callable[[gevent.socket.socket, object], None]) -> None:
+        self.handle = handle
+        self.open: dict[gevent.socket.socket, None] = {}  # insertion order: oldest first
+
+    def __call__(self, sock: gevent.socket.socket, addr: object) -> None:
+        self.open[sock] = None
+        if len(self.open) > MAX_CONNECTIONS:
+            oldest = next(iter(self.open))
+            del self.open[oldest]
+            oldest.close()
+        try:
+            self.handle(sock, addr)
+        finally:
+            self.open.pop(sock, None)
 
 
 class _BadRequest(Exception):
@@ -115,8 +140,8 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _handle(worker: Worker, metrics: Metrics, sock: gevent.socket.socket,
-            addr: object) -> None:
+def _handle(worker: Worker, metrics: Metrics, answering: gevent.lock.BoundedSemaphore,
+            sock: gevent.socket.socket, addr: object) -> None:
     """One connection: read one request, answer it, close."""
     try:
         method, headers = "GET", {}
@@ -127,7 +152,8 @@ def _handle(worker: Worker, metrics: Metrics, sock: gevent.socket.socket,
             if head is None:  # timed out or hung up before a whole head arrived
                 return
             method, target, headers = _parse_head(head)
-            status, ctype, body, extra = respond(worker, metrics, method, target, headers)
+            with answering:
+                status, ctype, body, extra = respond(worker, metrics, method, target, headers)
         except _BadRequest as exc:
             status, ctype, body, extra = exc.status, _TEXT, (str(exc) + "\n").encode(), {}
         out = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown")),

@@ -4,8 +4,9 @@ When the worker count shrinks on reload, or a worker is recycled (``max_worker_m
 the master sends it DRAIN. It stops accepting, then hands every client over to a live worker
 at a transaction boundary — its socket with SCM_RIGHTS, its state in a
 :class:`~ipc.channel.ClientHandoff` (tracked parameters, cancel key); in session mode its
-server travels with it — and hands its idle servers over too. When nothing is left it exits
-and the master reaps it like any other worker. The client notices nothing.
+server travels with it — and hands its idle servers over too. When nothing is left it
+publishes its last stats and exits, and the master reaps it like any other worker, keeping
+those stats in the rows' ghost counters. The client notices nothing.
 
 A moved client keeps its cancel key, whose top bits still name the old slot: a
 CancelRequest for it lands on the old worker (forwarded to where the client went, see
@@ -58,6 +59,9 @@ class Drain:
                 if target is None or not worker.exchange.hand_over(server, target):
                     server.close("worker drained")
         log.info("worker %d drained: %d clients moved", worker.slot, len(self.moved))
+        # The service lives on and counts what this worker did: its last stats must reach
+        # shared memory, where the master keeps them (ghost counters) once it has exited.
+        worker.publish()
         worker.exit_now()
 
     def target(self) -> int | None:

@@ -278,6 +278,71 @@ def test_worker_count_changes_live_under_load(pg, pgherd, pgbench_db):
     assert config_everywhere(h, "workers", slots=1) == {0: "1"}
 
 
+def listening_sockets(h) -> int:
+    """TCP listeners the master holds on the service's port (one per live worker slot)."""
+    return sum(1 for c in psutil.Process(h.pid).net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == h.port)
+
+
+def test_set_workers_0_means_one_per_cpu_as_in_the_ini(pg, pgherd):
+    cpus = os.cpu_count() or 1
+    h = pgherd(settings=TX, workers=1 if cpus > 1 else 2)
+    h.admin("SET workers = 0")
+    wait_for(lambda: titles(h) == [f"pgherd: worker {i}" for i in range(cpus)], timeout=10,
+             message=lambda: f"one worker per CPU ({cpus}), have {titles(h)}")
+    assert served_by(h, cpus) == set(range(cpus))
+    assert listening_sockets(h) == cpus
+    assert config_everywhere(h, "workers", slots=cpus) == {i: str(cpus) for i in range(cpus)}
+
+
+def test_a_slot_grown_back_while_its_worker_drains_gets_its_listener(pg, pgherd,
+                                                                     scratch_table):
+    h = pgherd(settings=TX, workers=2)
+    conns = []
+    try:
+        # a transaction open on worker 1 keeps it draining after the shrink
+        while not conns or slot_of(conns[-1]) != 1:
+            conns.append(h.connect(autocommit=False, **NO_PREPARE))
+        conn = conns[-1]
+        conn.execute(f"INSERT INTO {scratch_table} VALUES (1)")
+        old = pid_of_slot(h, 1)
+        h.admin("SET workers = 1")
+        h.wait_log(r"worker 1 draining")
+        h.admin("SET workers = 2")  # wanted again before its worker could leave
+        assert pid_of_slot(h, 1) == old
+        conn.commit()  # the client moves to worker 0, worker 1 exits and is replaced
+        wait_for(lambda: pid_of_slot(h, 1) not in (None, old), timeout=10,
+                 message=lambda: f"a new worker 1, have {titles(h)}")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.commit()
+    finally:
+        for c in conns:
+            c.close()
+    assert served_by(h, 2) == {0, 1}
+    assert listening_sockets(h) == 2
+    assert "worker 1 (pid %d) exited with status" % old not in h.log()  # not taken for a crash
+
+
+def test_shrinking_keeps_the_stats_of_the_retiring_worker(pg, pgherd, pgbench_db):
+    h = pgherd(settings={**TX, "default_pool_size": 8}, workers=2)
+    with Bench(pg, h, "-c", "8", "-j", "2", "-T", "4", "-S") as bench:
+        wait_started(pg, pgbench_db)
+        h.admin("SET workers = 1")  # worker 1 drains while pgbench runs
+        wait_for(lambda: titles(h) == ["pgherd: worker 0"], timeout=5,
+                 message=lambda: f"worker 0 alone while pgbench runs, have {titles(h)}")
+        assert bench.running(), "pgbench ended before the shrink completed"
+        bench.finish()
+    n = bench.assert_clean()
+
+    def xacts() -> int:
+        return sum(int(r["total_xact_count"]) for r in h.admin_dicts("SHOW STATS")
+                   if r["database"] == pgbench_db)
+
+    # pgbench runs two queries of its own before the run (see test_one_pooler)
+    wait_for(lambda: xacts() == n + 2, timeout=5,
+             message=lambda: f"SHOW STATS total_xact_count {xacts()} == pgbench's {n} + 2")
+
+
 # --------------------------------------------------------------------------- shutdown
 
 

@@ -376,6 +376,48 @@ def test_slow_and_oversized_http_clients_do_not_hurt_the_pooler(service) -> None
     assert get(port, "/ready")[0] == 200
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """The server closed this connection (without our reading anything from it)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_http_clients_never_delay_an_answer(service) -> None:
+    h = service
+    port = h.http_port
+    pids = h.worker_pids()
+    # idle connections, more than either worker may keep: they arrive first, so each worker
+    # has its full share open before the probes come
+    extra = 40
+    idle = [socket.create_connection(("127.0.0.1", port))
+            for _ in range(2 * pghttp.MAX_CONNECTIONS + extra)]
+    try:
+        for _ in range(10):
+            conn = http.client.HTTPConnection("127.0.0.1", port,
+                                              timeout=pghttp.READ_TIMEOUT / 2)
+            try:
+                conn.request("GET", "/health")
+                resp = conn.getresponse()
+                assert resp.status == 200, resp.read()
+            finally:
+                conn.close()
+        # bounded: each worker closed its oldest idle connections to stay within its limit
+        wait_for(lambda: sum(map(_hung_up, idle)) >= extra, timeout=pghttp.READ_TIMEOUT / 2,
+                 message=lambda: f"{extra} idle connections closed, "
+                 f"{sum(map(_hung_up, idle))} are")
+        assert not any(map(_hung_up, idle[-pghttp.MAX_CONNECTIONS // 2:]))  # the newest stay
+        assert h.admin("SHOW VERSION")  # the pooler serves
+    finally:
+        for s in idle:
+            s.close()
+    assert h.worker_pids() == pids
+    assert get(port, "/ready")[0] == 200
+
+
 # ----------------------------------------------------------------------------- stats log line
 
 

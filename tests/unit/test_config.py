@@ -181,6 +181,15 @@ def test_workers_zero_means_one_per_cpu(write) -> None:
     assert load_config(write(ini(pgbouncer="workers = 3\n"))).settings.workers == 3
 
 
+def test_a_set_value_resolves_as_the_same_value_in_the_file(write) -> None:
+    """The console's SET workers = 0 is one worker per CPU too, not zero workers."""
+    path = write(ini(pgbouncer="workers = 3\n"))
+    config = load_config(path)
+    assert config.with_setting("workers", 0).settings.workers == (os.cpu_count() or 1)
+    assert config.with_setting("workers", 2).settings.workers == 2
+    assert config.with_setting("conffile", "").settings.conffile == path
+
+
 def test_conffile_defaults_to_the_loaded_path(write) -> None:
     path = write(ini())
     assert load_config(path).settings.conffile == path
