@@ -250,7 +250,7 @@ class Login:
 
             self._log_attempt()
             admin_login(worker, sock, self.reader, self.deadline, user, dbname, self.cid,
-                        self.addr)
+                        self.peer, params)
             return
         if not self.admitted:
             self.admitted = _admit(worker, can_wait)

@@ -70,6 +70,7 @@ OID_INT4 = 23
 OID_INT8 = 20
 OID_NUMERIC = 1700
 OID_TEXT = 25
+OID_BYTEA = 17
 
 
 class ProtocolError(Exception):
