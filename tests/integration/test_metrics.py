@@ -175,7 +175,8 @@ def test_metrics_equal_show_stats_and_show_pools(service, pg) -> None:
             assert total("pgherd_sent_bytes_total", db) == s["total_sent"]
             assert total("pgherd_server_assignments_total", db) == \
                 s["total_server_assignment_count"]
-            assert total("pgherd_client_logins_total", db) == s["total_client_login_count"]
+            # PgBouncer 1.25's SHOW STATS has no login counter: the connections made above.
+            assert total("pgherd_client_logins_total", db) == (len(conns) if db == "p0" else 1)
             assert total("pgherd_xact_time_seconds_total", db) == \
                 pytest.approx(float(s["total_xact_time"]) / 1e6)
             assert total("pgherd_query_time_seconds_total", db) == \
@@ -183,6 +184,8 @@ def test_metrics_equal_show_stats_and_show_pools(service, pg) -> None:
             assert total("pgherd_wait_time_seconds_total", db) == \
                 pytest.approx(float(s["total_wait_time"]) / 1e6)
         for (db, user), p in pools.items():
+            if db == "pgbouncer":
+                continue  # the admin console's pool: the console is not pooled
             lab = {"database": db, "user": user}
             assert value(m, "pgherd_clients_active", **lab) == p["cl_active"]
             assert value(m, "pgherd_clients_waiting", **lab) == p["cl_waiting"]
