@@ -126,7 +126,7 @@ class Login:
     """
 
     __slots__ = ("worker", "sock", "peer", "cid", "deadline", "reader", "watcher", "params",
-                 "admitted", "user", "dbname")
+                 "admitted", "user", "dbname", "negotiate")
 
     def __init__(self, worker: Worker, sock: socket.socket, peer: tuple[str, int],
                  cid: int) -> None:
@@ -140,6 +140,7 @@ class Login:
         self.params: dict[str, str] | None = None
         self.admitted = False  # holds one of the service's max_client_conn places
         self.user = self.dbname = "?"
+        self.negotiate = b""  # a NegotiateProtocolVersion owed to the client
         worker.logins += 1
 
     @property
@@ -216,9 +217,14 @@ class Login:
                     return None
                 body = msg[1]
             code, params = proto.parse_startup(body)
-            if code == proto.PROTOCOL_V3:
+            if code >> 16 == 3:
                 if reader.buf:
                     raise ProtocolError("data after startup packet")
+                # As PostgreSQL and PgBouncer 1.25: a newer minor or protocol options we do
+                # not know get NegotiateProtocolVersion (3.0, the options), not a refusal.
+                unknown = [k for k in params if k.startswith("_pq_.")]
+                if code != proto.PROTOCOL_V3 or unknown:
+                    self.negotiate = proto.negotiate_protocol_version(unknown)
                 return params
             if code in (proto.SSL_REQUEST_CODE, proto.GSSENC_REQUEST_CODE):
                 if reader.buf:
@@ -249,6 +255,7 @@ class Login:
             from .admin import admin_login
 
             self._log_attempt()
+            self._negotiate()
             admin_login(worker, sock, self.reader, self.deadline, user, dbname, self.cid,
                         self.peer, params)
             return
@@ -257,6 +264,7 @@ class Login:
             if not self.admitted:
                 raise Refused("no more connections allowed (max_client_conn)")
             self._log_attempt()
+        self._negotiate()
         if worker.draining:
             raise Refused("pooler is shutting down")
         db = worker.database(dbname)
@@ -290,6 +298,13 @@ class Login:
         self.admitted = False  # the client owns its place now; Client.disconnect gives it back
         client.start()
         client.write(b"".join(out))  # a fresh socket takes it; else the backlog does
+
+    def _negotiate(self) -> None:
+        """Send the NegotiateProtocolVersion owed, once: where PgBouncer does, after the
+        max_client_conn check and before authentication."""
+        if self.negotiate:
+            send_all(self.sock, self.negotiate, self.deadline)
+            self.negotiate = b""
 
     # -- endings -------------------------------------------------------------------------
 
@@ -428,18 +443,18 @@ def authenticate(worker: Worker, sock: socket.socket, reader: MessageReader, dea
             raise Refused("bouncer config error", log_text="auth_type=any requires a forced user")
     elif method == "trust":
         if stored is None:
-            raise Refused('"trust" authentication failed', "28P01")
+            raise Refused('"trust" authentication failed')
     elif method == "plain":
         send_all(sock, proto.auth_request(proto.AUTH_CLEARTEXT), deadline)
         password = _password(sock, reader, deadline)
         if stored is None or not auth.plain_verify(stored, user, password.rstrip(b"\x00")):
-            raise Refused("password authentication failed", "28P01")
+            raise Refused("password authentication failed")
     elif method == "md5" and not (stored and auth.parse_scram_secret(stored)):
         salt = secrets.token_bytes(4)
         send_all(sock, proto.auth_request(proto.AUTH_MD5, salt), deadline)
         response = _password(sock, reader, deadline).rstrip(b"\x00")
         if stored is None or not auth.md5_verify(stored, user, salt, response):
-            raise Refused("password authentication failed", "28P01")
+            raise Refused("password authentication failed")
     else:  # scram-sha-256, or md5 with a SCRAM secret stored
         return _scram(worker, sock, reader, deadline, user, stored)
     return None, AUTH_OK
@@ -469,7 +484,7 @@ def _scram(worker: Worker, sock: socket.socket, reader: MessageReader, deadline:
         final = _password(sock, reader, deadline)
         server_final = server.handle_client_final(final)
     except (auth.AuthFailed, ValueError) as exc:
-        raise Refused("SASL authentication failed", "28P01",
+        raise Refused("SASL authentication failed",
                       log_text="SASL authentication failed: %s" % exc) from None
     done = proto.auth_request(proto.AUTH_SASL_FINAL, server_final) + AUTH_OK
     if server.client_key is not None and server.server_key is not None:
