@@ -214,7 +214,8 @@ _TABLE: list[Setting] = [
         _s("tcp_keepidle", "int", 0, "idle seconds before the first keepalive probe (0 = OS default)"),
         _s("tcp_keepintvl", "int", 0, "seconds between keepalive probes (0 = OS default)"),
         _s("tcp_user_timeout", "int", 0, "TCP_USER_TIMEOUT in milliseconds (0 = OS default)"),
-        _s("user", "str", "", "Unix user to switch to after start", restart=True),
+        _s("user", "str", "", "Unix user to switch to at start (as -u); pgherd refuses to run as root",
+           restart=True, supported=True),
         _s("pidfile", "str", "", "pid file of the master process (needed to daemonize)", restart=True, supported=True),
         _s("job_name", "str", "pgbouncer", "Windows service name", restart=True),
         _s("service_name", "str", "pgbouncer", "Windows service name (alias of job_name)", restart=True),
@@ -361,6 +362,9 @@ _TABLE: list[Setting] = [
         _s("max_worker_memory", "int", 0,
            "MiB of RSS above which a worker is recycled gracefully (drained, replaced); 0 = off",
            supported=True),
+        _s("allow_root", "bool", False,
+           "run as root when started by root without user/-u (PgBouncer always refuses)",
+           restart=True, supported=True),
     ),
 ]
 
