@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import psutil
 
 from ipc import shm
+from prefork import log as plog
 from prefork.settings import SETTINGS
 
 from . import proto
@@ -97,7 +98,7 @@ def admin_login(worker: Worker, sock: socket.socket, reader: MessageReader, dead
             sock.send(proto.error_response(exc.text, exc.sqlstate))
         except OSError:
             pass
-        log.warning("C-%d: %s/%s@%s:%d pooler error: %s", cid, dbname, user, *peer,
+        log.warning("%s pooler error: %s", plog.socket_prefix("C", cid, dbname, user, *peer),
                     exc.log_text)
     except (ClientGone, LoginTimeout, ProtocolError):
         pass
@@ -499,8 +500,10 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
-def _ptr(prefix: str, cid: int) -> str:
-    return "%s-0x%x" % (prefix, cid)
+def _ptr(conn_id: int) -> str:
+    """PgBouncer shows its object's address; pgherd the connection id, in the same form (and
+    as its log lines name the connection: C-0x<id>, S-0x<id>)."""
+    return "0x%x" % conn_id
 
 
 def _admin_rows(worker: Worker) -> list[list]:
@@ -510,7 +513,7 @@ def _admin_rows(worker: Worker) -> list[list]:
         # Not linked to a server: PgBouncer 1.25 shows its active but unlinked clients idle.
         rows.append(["C", a.user, ADMIN_DB, "none", "idle", a.addr, a.port, *local,
                      _stamp(a.connect_time), _stamp(a.request_time), 0, 0, 0,
-                     _ptr("C", a.id), "", _remote_pid(a.sock), "", a.application_name, 0, a.id])
+                     _ptr(a.id), "", _remote_pid(a.sock), "", a.application_name, 0, a.id])
     return rows
 
 
@@ -551,8 +554,8 @@ def local_rows(worker: Worker, what: str) -> list[list]:
                 state = "cl_active" if c.state == "active" else "cl_" + c.state
             row = ["C", c.user, c.dbname, "none", state, c.addr, c.port, *c.local(),
                    _stamp(c.connect_time), _stamp(_request_wall(c)),
-                   int(wait), int(wait % 1 * 1e6), 0, _ptr("C", c.id),
-                   _ptr("S", c.server.id) if c.server else "", 0, "",
+                   int(wait), int(wait % 1 * 1e6), 0, _ptr(c.id),
+                   _ptr(c.server.id) if c.server else "", 0, "",
                    c.params.get("application_name", ""), len(c.statements), c.id]
             rows.append(row + _buffers(c) if with_buffers else row)
         if what == "CLIENTS":
@@ -566,8 +569,8 @@ def local_rows(worker: Worker, what: str) -> list[list]:
                 state = ("sv_" + s.state) if state_prefix else s.state
                 row = ["S", pool.user, pool.dbname, "none", state, s.addr, s.port,
                        *s.local(), _stamp(s.connect_time), _stamp(s.connect_time), 0, 0,
-                       int(s.close_needed), _ptr("S", s.id),
-                       _ptr("C", s.client.id) if s.client else "", s.backend_pid, "",
+                       int(s.close_needed), _ptr(s.id),
+                       _ptr(s.client.id) if s.client else "", s.backend_pid, "",
                        s.params.get("application_name", ""), len(s.statements.prepared), s.id]
                 rows.append(row + _buffers(s) if with_buffers else row)
     if what == "ACTIVE_SOCKETS":

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.socket import getaddrinfo, wait_read, wait_write
 
+from prefork import log as plog
+
 from . import auth, proto
 from .proto import MessageReader, ProtocolError
 from .relay import Client, Server
@@ -139,17 +141,13 @@ class Login:
         self.watcher = None
         self.params: dict[str, str] | None = None
         self.admitted = False  # holds one of the service's max_client_conn places
-        self.user = self.dbname = "?"
+        self.user = self.dbname = ""  # not known yet: "(nouser)", "(nodb)" in the log
         self.negotiate = b""  # a NegotiateProtocolVersion owed to the client
         worker.logins += 1
 
     @property
     def label(self) -> str:
-        return "C-%d" % self.cid
-
-    @property
-    def addr(self) -> str:
-        return "%s:%d" % self.peer
+        return plog.socket_prefix("C", self.cid, self.dbname, self.user, *self.peer)
 
     def start(self) -> None:
         """From the accept callback: read what is there, wait for more on a watcher."""
@@ -190,8 +188,7 @@ class Login:
         except ClientGone:
             self._close()
             if self.worker.settings.log_disconnections:
-                log.info("%s: %s/%s@%s closing because: client unexpected eof", self.label,
-                         self.dbname, self.user, self.addr)
+                log.info("%s closing because: client unexpected eof (age=0s)", self.label)
         except Exception:  # a bug costs this login, never the worker or the admission count
             log.exception("%s: login failed", self.label)
             self._refuse(Refused("internal error"))
@@ -310,8 +307,8 @@ class Login:
 
     def _log_attempt(self) -> None:
         if self.worker.settings.log_connections:
-            log.info("%s: %s/%s@%s login attempt: db=%s user=%s tls=no", self.label,
-                     self.dbname, self.user, self.addr, self.dbname, self.user)
+            log.info("%s login attempt: db=%s user=%s tls=no replication=no", self.label,
+                     self.dbname, self.user)
 
     def _stop_watching(self, close: bool = True) -> None:
         self.worker.handshakes.pop(self, None)
@@ -324,7 +321,7 @@ class Login:
 
     def _refuse(self, exc: Refused) -> None:
         self._stop_watching()
-        _refuse(self.worker, self.sock, exc, self.label, self.dbname, self.user)
+        _refuse(self.worker, self.sock, exc, self.label)
 
     def _close(self) -> None:
         self.sock.close()
@@ -358,15 +355,18 @@ def _admit(worker: Worker, can_wait: bool) -> bool:
         gevent.sleep(0.0002)
 
 
-def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str, dbname: str,
-            user: str) -> None:
+def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str) -> None:
+    """Send PgBouncer's error and close; logged as PgBouncer logs a failed login, with the
+    client's address (``label``)."""
     try:
         sock.send(proto.error_response(exc.text, exc.sqlstate))
     except OSError:
         pass
     sock.close()
+    if worker.settings.log_disconnections:
+        log.info("%s closing because: %s (age=0s)", label, exc.text)
     if worker.settings.log_pooler_errors:
-        log.warning("%s: %s/%s pooler error: %s", label, dbname, user, exc.log_text)
+        log.warning("%s pooler error: %s", label, exc.log_text)
 
 
 def _client_params(worker: Worker, params: dict[str, str]) -> dict[str, str]:
@@ -552,8 +552,8 @@ def open_server(pool: Pool) -> Server:
         raise
     server = Server(worker, sock, pool, params, pid, key, target)
     if worker.settings.log_connections:
-        log.info("S-%d: %s/%s@%s:%d new connection to server", server.id, pool.dbname,
-                 pool.user, server.addr, server.port)
+        local = server.local()
+        log.info("%s new connection to server (from %s:%d)", server.label(), *local)
     return server
 
 
@@ -644,7 +644,7 @@ def forward_cancel(worker: Worker, server: Server,
     try:
         sock = connect(server.target, deadline)
     except (OSError, LoginTimeout) as exc:
-        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        log.warning("%s cancel request failed: %s", server.label(), exc)
         _cancel_over(server, request)
         return
     try:
@@ -652,7 +652,7 @@ def forward_cancel(worker: Worker, server: Server,
         # The server closes the connection when it has processed the request.
         wait_read(sock.fileno(), timeout=max(deadline - _monotonic(), 0.001))
     except Exception as exc:  # a failed cancel is logged, never fatal
-        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        log.warning("%s cancel request failed: %s", server.label(), exc)
     finally:
         sock.close()
         _cancel_over(server, request)

@@ -19,6 +19,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Callable
 
+from prefork import log as plog
+
 from . import prepared, proto
 from .proto import BackendScanner, FrontendScanner, MessageReader, ProtocolError
 
@@ -196,7 +198,7 @@ class Client(Conn):
         except ProtocolError as exc:
             self.disconnect(str(exc), error=str(exc))
         except Exception:
-            log.exception("internal error on client C-%d", self.id)
+            log.exception("%s internal error", self.label())
             self.disconnect("internal error", error="internal error")
 
     def _relay(self, n: int) -> None:
@@ -390,7 +392,7 @@ class Client(Conn):
         self.worker.cancel_keys.pop(self.cancel_key, None)
 
     def label(self) -> str:
-        return "C-%d: %s/%s@%s:%d" % (self.id, self.dbname, self.user, self.addr, self.port)
+        return plog.socket_prefix("C", self.id, self.dbname, self.user, self.addr, self.port)
 
 
 # ------------------------------------------------------------------------------------ server
@@ -468,7 +470,7 @@ class Server(Conn):
         except ProtocolError as exc:
             self.close("bad packet from server: %s" % exc, client_error="server conn crashed?")
         except Exception:
-            log.exception("internal error on server S-%d", self.id)
+            log.exception("%s internal error", self.label())
             self.close("internal error", client_error="server conn crashed?")
 
     def _relay(self, n: int) -> None:
@@ -610,6 +612,10 @@ class Server(Conn):
         self.sock.close()  # our descriptor only: the connection travels in the message
         self.pool.server_gone(self)
 
+    def label(self) -> str:
+        pool = self.pool
+        return plog.socket_prefix("S", self.id, pool.dbname, pool.user, self.addr, self.port)
+
     def close(self, reason: str, client_error: str | None = None) -> None:
         """Close this server; a linked client cannot continue without it and is closed too.
 
@@ -622,8 +628,7 @@ class Server(Conn):
         self.closed = True
         client, self.client = self.client, None
         if self.worker.settings.log_disconnections:
-            log.info("S-%d: %s/%s@%s:%d closing because: %s (age=%ds)", self.id,
-                     self.pool.dbname, self.pool.user, self.addr, self.port, reason,
+            log.info("%s closing because: %s (age=%ds)", self.label(), reason,
                      int(_monotonic() - self.born))
         self.pool.server_gone(self)
         self.rw.stop()

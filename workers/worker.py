@@ -372,8 +372,8 @@ class Worker:
                     login.timed_out()
             for server, since in list(self.closing.items()):
                 if now - since > CLOSE_WAIT:
-                    log.warning("S-%d: backend did not end within %ds of Terminate; "
-                                "no longer counted", server.id, CLOSE_WAIT)
+                    log.warning("%s backend did not end within %ds of Terminate; "
+                                "no longer counted", server.label(), CLOSE_WAIT)
                     server.gone()
             self._stats_period()
         except Exception:

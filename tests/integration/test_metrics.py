@@ -389,13 +389,14 @@ def test_log_stats_writes_one_service_line_per_period(pgherd) -> None:
         for _ in range(10):
             for c in conns:
                 c.execute("SELECT 1")
-        rx = re.compile(r"master LOG stats: (\d+) xacts/s, (\d+) queries/s, \d+ client "
+        rx = re.compile(r"\[%d\] LOG stats: (\d+) xacts/s, (\d+) queries/s, \d+ client " % h.pid +
                         r"parses/s, \d+ server parses/s, \d+ binds/s, in \d+ B/s, out \d+ B/s, "
                         r"xact \d+ us, query \d+ us, wait \d+ us")
         # the 40 transactions show up in some line's rate (one line per second, whole service)
         wait_for(lambda: any(int(m.group(1)) > 0 for m in rx.finditer(h.log())), timeout=10,
                  message=lambda: "a stats line with transactions:\n" + h.log()[-3000:])
-        assert not re.search(r"worker \d+ LOG stats:", h.log())  # workers do not log it
+        # workers do not log it: every stats line is the master's
+        assert set(re.findall(r"\[(\d+)\] LOG stats:", h.log())) == {str(h.pid)}
     finally:
         for c in conns:
             c.close()
