@@ -277,7 +277,7 @@ def _show_lists(worker: Worker):
     clients = sum(r.totals["clients"] for r in rows if r.kind == shm.POOL)
     servers = sum(r.totals["servers"] for r in rows if r.kind == shm.POOL)
     items = [  # the admin database, its user and its pool are counted, as in PgBouncer
-        ("databases", len(_database_names(worker))), ("users", len(_user_names(worker))),
+        ("databases", len(database_names(worker))), ("users", len(user_names(worker))),
         ("peers", 0), ("pools", 1 + sum(1 for r in rows if r.kind == shm.POOL)),
         ("peer_pools", 0), ("free_clients", 0),
         ("used_clients", clients + len(_admin_clients(worker))),
@@ -336,8 +336,8 @@ def _show_mem(worker: Worker):
     pools = [r for r in rows if r.kind == shm.POOL]
     servers = [s for p in worker.pools.values() for s in p.servers]
     kinds = [
-        ("user_cache", worker.config.users.values(), len(_user_names(worker))),
-        ("db_cache", worker.config.databases.values(), len(_database_names(worker))),
+        ("user_cache", worker.config.users.values(), len(user_names(worker))),
+        ("db_cache", worker.config.databases.values(), len(database_names(worker))),
         ("pool_cache", worker.pools.values(), 1 + len(pools)),
         ("server_cache", servers, sum(r.totals["servers"] for r in pools)),
         ("client_cache", worker.clients.values(),
@@ -484,7 +484,7 @@ def _show_totals(worker: Worker):
 # --------------------------------------------------------------------------- SHOW: connections
 
 
-_SOCKET_COLS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("replication", TEXT),
+SOCKET_COLS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("replication", TEXT),
                 ("state", TEXT), ("addr", TEXT), ("port", I4), ("local_addr", TEXT),
                 ("local_port", I4), ("connect_time", TEXT), ("request_time", TEXT),
                 ("wait", I4), ("wait_us", I4), ("close_needed", I4), ("ptr", TEXT),
@@ -493,7 +493,7 @@ _SOCKET_COLS = [("type", TEXT), ("user", TEXT), ("database", TEXT), ("replicatio
 _BUFFER_COLS = [("recv_pos", I4), ("pkt_pos", I4), ("pkt_remain", I4), ("send_pos", I4),
                 ("send_remain", I4), ("pkt_avail", I4), ("send_avail", I4)]
 _ID = 20  # the id column, what rows are sorted by
-_SEND_AVAIL = len(_SOCKET_COLS) + len(_BUFFER_COLS) - 1
+_SEND_AVAIL = len(SOCKET_COLS) + len(_BUFFER_COLS) - 1
 
 
 def _stamp(t: float) -> str:
@@ -592,15 +592,15 @@ def _buffers(conn) -> list[int]:
 
 
 def _show_clients(worker: Worker):
-    return _SOCKET_COLS, sorted(worker.exchange.gather("CLIENTS"), key=lambda r: r[_ID])
+    return SOCKET_COLS, sorted(worker.exchange.gather("CLIENTS"), key=lambda r: r[_ID])
 
 
 def _show_servers(worker: Worker):
-    return _SOCKET_COLS, sorted(worker.exchange.gather("SERVERS"), key=lambda r: r[_ID])
+    return SOCKET_COLS, sorted(worker.exchange.gather("SERVERS"), key=lambda r: r[_ID])
 
 
 def _show_sockets(worker: Worker, what: str = "SOCKETS"):
-    return _SOCKET_COLS + _BUFFER_COLS, sorted(worker.exchange.gather(what),
+    return SOCKET_COLS + _BUFFER_COLS, sorted(worker.exchange.gather(what),
                                               key=lambda r: r[_ID])
 
 
@@ -631,9 +631,9 @@ def _fd_rows(worker: Worker) -> list[list]:
                      c.server.fd if c.server else 0, *params(c), None, None, None])
     for pool in worker.pools.values():
         for s in pool.servers:
-            rows.append([s.fd, "server", pool.user, pool.dbname, s.addr, s.port,
-                         (s.backend_pid or 0) << 32 | (s.backend_key or 0), s.client.fd if s.client else 0, *params(s), None,
-                         None, None])
+            cancel = (s.backend_pid or 0) << 32 | (s.backend_key or 0)
+            rows.append([s.fd, "server", pool.user, pool.dbname, s.addr, s.port, cancel,
+                         s.client.fd if s.client else 0, *params(s), None, None, None])
     return rows
 
 
@@ -644,14 +644,14 @@ def _show_fds(worker: Worker):
 # --------------------------------------------------------------------------- SHOW: config views
 
 
-def _database_names(worker: Worker) -> list[str]:
+def database_names(worker: Worker) -> list[str]:
     """Configured databases, auto-databases in use and the admin database, sorted."""
     current = {r.names[0] for r in worker.segment.snapshot_rows() if r.kind == shm.DATABASE}
     names = {n for n in worker.config.databases if n != "*"} | current | {ADMIN_DB}
     return sorted(names)
 
 
-def _user_names(worker: Worker) -> list[str]:
+def user_names(worker: Worker) -> list[str]:
     current = {r.names[0] for r in worker.segment.snapshot_rows() if r.kind == shm.USER}
     return sorted(set(worker.config.userlist) | set(worker.config.users) | current
                   | {ADMIN_DB})
@@ -671,7 +671,7 @@ def _show_databases(worker: Worker):
     for r in _pool_rows(worker):
         clients[r.names[0]] = clients.get(r.names[0], 0) + r.totals["clients"]
     rows: list[tuple] = []
-    for name in _database_names(worker):
+    for name in database_names(worker):
         if name == ADMIN_DB:  # the console's own entry, as PgBouncer's admin_setup makes it
             rows.append((ADMIN_DB, None, s.listen_port, ADMIN_DB, ADMIN_DB, 2,
                          s.min_pool_size, s.reserve_pool_size, int(s.server_lifetime),
@@ -712,7 +712,7 @@ def _show_users(worker: Worker):
         return "" if value is None else "%9d" % value
 
     rows = []
-    for name in _user_names(worker):
+    for name in user_names(worker):
         u = worker.config.users.get(name)
         clients = current.get(name, {}).get("clients", 0) + (admins if name == ADMIN_DB
                                                               else 0)

@@ -13,7 +13,8 @@ import pytest
 
 from tests.helpers import login_error, wait_for
 
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC \[(\d+)\] (LOG|WARNING|ERROR|FATAL|DEBUG) ")
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC \[(\d+)\] "
+                  r"(LOG|WARNING|ERROR|FATAL|DEBUG) ")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_pgbadger_reads_pgherds_log(pgherd, pgbadger, tmp_path):
     for line in log.splitlines():
         if line.strip() and not line.startswith(("Traceback", " ")):
             assert LINE.match(line), line  # PgBouncer's prefix, every line
-    failures = [ln for ln in log.splitlines() if "pooler error: password authentication failed" in ln]
+    failures = [ln for ln in log.splitlines()
+                if "pooler error: password authentication failed" in ln]
     assert len(failures) == failed
     assert all(re.search(r"WARNING C-0x[0-9a-f]+: p0/u_md5@127\.0\.0\.1:\d+ pooler error", ln)
                for ln in failures)  # with the client's address
