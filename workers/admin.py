@@ -771,6 +771,17 @@ def _on_database(name: str, required: bool) -> Callable[[Worker, str], bytes]:
     return command
 
 
+def _kill(worker: Worker, arg: str) -> bytes:
+    """KILL db, or (PgBouncer 1.25) KILL alone: every database, each paused until its own
+    RESUME db, as PgBouncer pauses each one."""
+    if arg:
+        return _on_database("KILL", True)(worker, arg)
+    for name in database_names(worker):
+        if name != ADMIN_DB:
+            _check(worker.exchange.command_master("KILL", name, timeout=1e9))
+    return proto.command_complete("KILL")
+
+
 def _kill_client(worker: Worker, arg: str) -> bytes:
     if not arg.isdigit():
         raise AdminError("invalid client pointer supplied")
@@ -803,7 +814,7 @@ def _check(error: str) -> None:
 _CONTROL: dict[str, Callable[[Worker, str], bytes]] = {
     "RELOAD": _reload, "PAUSE": _pause, "RESUME": _resume,
     "DISABLE": _on_database("DISABLE", True), "ENABLE": _on_database("ENABLE", True),
-    "KILL": _on_database("KILL", True), "RECONNECT": _on_database("RECONNECT", False),
+    "KILL": _kill, "RECONNECT": _on_database("RECONNECT", False),
     "WAIT_CLOSE": _on_database("WAIT_CLOSE", False),
     "KILL_CLIENT": _kill_client, "SUSPEND": _suspend, "SHUTDOWN": _shutdown,
 }

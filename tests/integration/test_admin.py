@@ -93,6 +93,22 @@ def test_kill_drops_the_database_clients_and_holds_new_ones(pgherd):
         c.close()
 
 
+def test_kill_alone_kills_every_database(pgherd):
+    """PgBouncer 1.25: KILL without a database; each database stays paused until RESUME db."""
+    h = pgherd(settings=TXN, workers=WORKERS)
+    victims = [h.connect(db, **NO_PREPARE) for db in ("p1", "p2", "p1")]
+    for c in victims:
+        c.execute("SELECT 1")
+    h.admin("KILL")
+    for c in victims:
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT 1")
+    assert {r["name"] for r in h.admin_dicts("SHOW DATABASES") if r["paused"]} >= {"p1", "p2"}
+    h.admin("RESUME p1")
+    with h.connect("p1", **NO_PREPARE) as again:
+        assert again.execute("SELECT 8").fetchone() == (8,)
+
+
 def test_reconnect_replaces_servers(pg, pgherd):
     h = pgherd(settings={**TXN, "default_pool_size": 1}, workers=1)
     conn = h.connect("p1", **NO_PREPARE)
