@@ -5,9 +5,9 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench deps postgres pgbouncer clean deb rpm
+.PHONY: test demo bench deps postgres pgbouncer pgbadger clean deb rpm
 
-test: deps postgres pgbouncer
+test: deps postgres pgbouncer pgbadger
 	$(PY) -m pytest -n auto -p no:cacheprovider
 
 demo: deps postgres pgbouncer
@@ -34,6 +34,12 @@ pgbouncer:
 	@command -v pgbouncer >/dev/null 2>&1 || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
 		(apt-get install -y pgbouncer || (apt-get update && apt-get install -y pgbouncer)) || \
 		echo "pgbouncer could not be installed: the demo compares with PostgreSQL only"
+
+# pgBadger (Debian's): the tests check that it reads pgherd's log as a PgBouncer log.
+pgbadger:
+	@command -v pgbadger >/dev/null 2>&1 || \
+		apt-get -o DPkg::Lock::Timeout=300 install -y pgbadger || \
+		(apt-get update && apt-get -o DPkg::Lock::Timeout=300 install -y pgbadger)
 
 # Service packages (packaging/README.md): dist/pgherd_<version>_<arch>.deb and
 # dist/pgherd-<version>-1.<arch>.rpm, version from pyproject.toml. Each installs the Debian

@@ -438,6 +438,7 @@ class Master:
         slot.pid = pid
         slot.started = time.monotonic()
         self.segment.write(slot.index, pid=pid)
+        log.info("worker %d started (pid %d)", slot.index, pid)  # the [pid] of its lines
 
     def _become_worker(self, slot: Slot, master_pid: int) -> None:
         code = 70
@@ -459,7 +460,6 @@ class Master:
             import setproctitle
 
             setproctitle.setproctitle("pgherd: worker %d" % slot.index)
-            plog.set_role("worker %d" % slot.index)
             from workers.worker import run
 
             socks = list(slot.tcp) + ([self.unix] if self.unix else [])

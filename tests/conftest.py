@@ -20,7 +20,10 @@ notifications, and the PostgreSQL log lines written during the test.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -29,8 +32,10 @@ import pytest
 from tests.helpers import (
     PgCluster,
     Pgherd,
+    free_port,
     pg_bindir,
     read_text,
+    wait_for,
 )
 
 # --------------------------------------------------------------------------------------
@@ -228,3 +233,94 @@ def pgherd(pg: PgCluster, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
     if problems:
         pytest.fail("pgherd teardown problems:\n" + "\n\n".join(problems), pytrace=False)
 
+
+
+# --------------------------------------------------------------------------------------
+# PgBouncer, side by side
+# --------------------------------------------------------------------------------------
+
+
+class PgBouncer:
+    """The installed PgBouncer (Debian's 1.18), run as the unprivileged ``postgres`` user
+    (it refuses root): ``dsn`` reaches its admin console over TCP as ``postgres``."""
+
+    def __init__(self, pg: PgCluster) -> None:
+        self.binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self.workdir = tempfile.mkdtemp(prefix="pgb-", dir="/tmp")
+        self.port = free_port()
+        self.ini = os.path.join(self.workdir, "pgbouncer.ini")
+        self.logfile = os.path.join(self.workdir, "pgbouncer.log")
+        self.pg = pg
+        self.proc: subprocess.Popen | None = None
+        self.dsn = "host=127.0.0.1 port=%d user=postgres dbname=pgbouncer" % self.port
+
+    def write_ini(self, extra: str = "") -> str:
+        with open(self.ini, "w") as f:
+            f.write("[databases]\np1 = host=%s port=%d\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"
+                    "listen_port = %d\nunix_socket_dir = %s\nauth_type = trust\n"
+                    "auth_file = %s/userlist.txt\nadmin_users = postgres\nlogfile = %s\n%s"
+                    % (self.pg.host, self.pg.port, self.port, self.workdir, self.workdir,
+                       self.logfile, extra))
+        with open(os.path.join(self.workdir, "userlist.txt"), "w") as f:
+            f.write('"postgres" ""\n')
+        for name in os.listdir(self.workdir):
+            shutil.chown(os.path.join(self.workdir, name), "postgres")
+        shutil.chown(self.workdir, "postgres")
+        return self.ini
+
+    def run(self, *args: str) -> subprocess.Popen:
+        argv = [self.binary, *args]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--"] + argv
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def start(self) -> None:
+        import psycopg
+
+        self.proc = self.run("-q", self.ini)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError("pgbouncer exited: %s" % self.log())
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None) as c:
+                    return c.execute("SHOW VERSION").fetchone()
+            except psycopg.OperationalError:
+                return None
+
+        wait_for(ready, timeout=10)
+
+    def log(self) -> str:
+        return read_text(self.logfile) if os.path.exists(self.logfile) else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def pgbouncer_setup(pg: PgCluster) -> Iterator[PgBouncer]:
+    """A PgBouncer not started yet (write_ini, run, start): for tests of its command line and
+    config handling. Skipped when PgBouncer is not installed (make test installs it)."""
+    bouncer = PgBouncer(pg)
+    if not os.path.exists(bouncer.binary):
+        pytest.skip("pgbouncer is not installed (make test installs it with apt)")
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+@pytest.fixture
+def pgbouncer(pgbouncer_setup: PgBouncer) -> str:
+    """The installed PgBouncer running against ``pg`` (database p1): its admin DSN."""
+    pgbouncer_setup.write_ini()
+    pgbouncer_setup.start()
+    return pgbouncer_setup.dsn

@@ -692,6 +692,9 @@ class Pgherd:
             "auth_file": str(self.userlist_path),
             "admin_users": "postgres",
             "workers": workers,
+            # The tests run as root, and so does the pgherd under test (pgherd's own
+            # setting; as PgBouncer, it refuses root otherwise).
+            "allow_root": 1 if os.geteuid() == 0 else None,
         }
         self._settings = _merge(self._settings, settings)
         self._databases: dict[str, Any] = (

@@ -46,6 +46,18 @@ Metric names (all prefixed ``pgherd_``; times in seconds, sizes in bytes):
   ``worker_heartbeat_age_seconds``, ``worker_config_epoch``;
 * service: ``info`` (label ``version``), ``workers_configured``, ``workers_live``,
   ``config_epoch``, ``reload_failures_total``, ``paused``.
+
+Beside them, what the community exporter (prometheus-community/pgbouncer_exporter) makes of
+PgBouncer 1.25's admin console, same names, labels and units, so that dashboards and alerts
+written for it work unchanged (:meth:`Metrics.exporter`): ``pgbouncer_up``,
+``pgbouncer_version_info``; from SHOW POOLS ``pgbouncer_pools_*`` (``database``, ``user``),
+from SHOW STATS ``pgbouncer_stats_*_total`` (``database``), from SHOW DATABASES
+``pgbouncer_databases_*`` (``name``, ``host``, ``port``, ``database``, ``force_user``,
+``pool_mode``), from SHOW LISTS ``pgbouncer_databases``, ``_users``, ``_pools``,
+``_free_clients``... , from SHOW CONFIG ``pgbouncer_config_max_client_connections`` and
+``_max_user_connections``, from SHOW SERVERS ``pgbouncer_server_connections``. As the exporter
+does against 1.25, there is no ``pgbouncer_databases_reserve_pool`` (1.24 renamed the column);
+the admin console's own pool is left out (it pools nothing).
 """
 
 from __future__ import annotations
@@ -68,6 +80,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from ipc import shm
+
+from .admin import ADMIN_DB, COMPAT, SOCKET_COLS, database_names, user_names
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -342,6 +356,48 @@ _POOL_COUNTERS = (
 )
 
 
+#: SHOW POOLS column -> the exporter's pgbouncer_pools_<name> (a gauge per pool).
+_EXPORTER_POOLS = (
+    ("cl_active", "client_active_connections",
+     "Client connections linked to server connection and able to process queries"),
+    ("cl_active_cancel_req", "client_active_cancel_connections",
+     "Client connections that have forwarded query cancellations to the server"),
+    ("cl_waiting", "client_waiting_connections", "Client connections waiting on a server"),
+    ("cl_waiting_cancel_req", "client_waiting_cancel_connections",
+     "Client connections that have not forwarded query cancellations to the server yet"),
+    ("sv_active", "server_active_connections", "Server connections linked to a client"),
+    ("sv_active_cancel", "server_active_cancel_connections",
+     "Server connections that are currently forwarding a cancel request"),
+    ("sv_being_canceled", "server_being_canceled_connections",
+     "Servers waiting until the cancel requests sent for them have completed"),
+    ("sv_idle", "server_idle_connections", "Server connections idle and ready for a client"),
+    ("sv_used", "server_used_connections",
+     "Server connections idle more than server_check_delay, needing server_check_query"),
+    ("sv_tested", "server_testing_connections",
+     "Server connections running either server_reset_query or server_check_query"),
+    ("sv_login", "server_login_connections", "Server connections logging in"),
+)
+#: SHOW STATS column (pgherd's STAT_FIELDS name) -> pgbouncer_stats_<name>, divisor.
+_EXPORTER_STATS = (
+    ("query_count", "queries_pooled_total", 1, "Total number of SQL queries pooled"),
+    ("query_time", "queries_duration_seconds_total", 1e6,
+     "Total number of seconds spent when actively connected to PostgreSQL, executing queries"),
+    ("recv_bytes", "received_bytes_total", 1, "Total bytes of network traffic received"),
+    ("sent_bytes", "sent_bytes_total", 1, "Total bytes of network traffic sent"),
+    ("wait_time", "client_wait_seconds_total", 1e6,
+     "Time spent by clients waiting for a server in seconds"),
+    ("xact_count", "sql_transactions_pooled_total", 1, "Total number of SQL transactions pooled"),
+    ("xact_time", "server_in_transaction_seconds_total", 1e6,
+     "Total number of seconds spent connected to PostgreSQL in a transaction"),
+)
+#: SHOW LISTS row -> pgbouncer_<name>.
+_EXPORTER_LISTS = (("databases", "databases"), ("users", "users"), ("pools", "pools"),
+                   ("free_clients", "free_clients"), ("used_clients", "used_clients"),
+                   ("login_clients", "login_clients"), ("free_servers", "free_servers"),
+                   ("used_servers", "used_servers"), ("dns_names", "cached_dns_names"),
+                   ("dns_zones", "cached_dns_zones"), ("dns_queries", "in_flight_dns_queries"))
+
+
 class Metrics:
     """Renders the whole service's metrics from shared memory, one scrape at a time."""
 
@@ -488,6 +544,104 @@ class Metrics:
                                   "configuration was invalid", value=seg.reload_failures)
         yield GaugeMetricFamily(p + "paused", "1 while the pooler is paused (PAUSE)",
                                 value=paused)
+        yield from self.exporter(pools, now_ns)
+
+    def exporter(self, pools: list[shm.RowSnapshot], now_ns: int) -> Iterator[Metric]:
+        """The community PgBouncer exporter's metrics, as it would scrape pgherd's console."""
+        worker = self.worker
+        settings = worker.settings
+        p = "pgbouncer_"
+        yield GaugeMetricFamily(p + "up", "The pgbouncer scrape succeeded", value=1)
+        info = GaugeMetricFamily(p + "version_info", "The pgbouncer version info",
+                                 labels=["version"])
+        info.add_metric(["PgBouncer %s (pgherd %s)" % (COMPAT, VERSION)], 1)  # SHOW VERSION
+        yield info
+
+        labels = ["database", "user"]
+        gauges = [(column, GaugeMetricFamily(p + "pools_" + name, text, labels=labels))
+                  for column, name, text in _EXPORTER_POOLS]
+        maxwait = GaugeMetricFamily(p + "pools_client_maxwait_seconds",
+                                    "Age of oldest unserved client connection, in seconds",
+                                    labels=labels)
+        per_db: dict[str, list[int]] = {}
+        for r in pools:
+            names = list(r.names[:2])
+            for column, family in gauges:
+                family.add_metric(names, r.totals.get(column, 0))  # cancel lists: none
+            maxwait.add_metric(names, r.wait_ns(now_ns) // 1_000_000_000)  # SHOW POOLS maxwait
+            acc = per_db.setdefault(r.names[0], [0] * len(_EXPORTER_STATS))
+            for i, (field, *_) in enumerate(_EXPORTER_STATS):
+                acc[i] += r.totals[field]
+        yield from (family for _, family in gauges)
+        yield maxwait
+        for i, (_, name, div, text) in enumerate(_EXPORTER_STATS):
+            family = CounterMetricFamily(p + "stats_" + name, text, labels=["database"])
+            for db, acc in sorted(per_db.items()):
+                family.add_metric([db], acc[i] / div)
+            yield family
+
+        yield from self._exporter_databases(database_names(worker))
+        lists = {"databases": len(database_names(worker)), "users": len(user_names(worker)),
+                 "pools": 1 + len(pools), "free_clients": 0, "free_servers": 0,
+                 "used_clients": sum(r.totals["clients"] for r in pools),
+                 "login_clients": sum(s.logins for s in worker.segment.read_all() if s.pid),
+                 "used_servers": sum(r.totals["servers"] for r in pools),
+                 "dns_names": 0, "dns_zones": 0, "dns_queries": 0}
+        for row, name in _EXPORTER_LISTS:
+            yield GaugeMetricFamily(p + name, "Count of " + row.replace("_", " "),
+                                    value=lists[row])
+        yield GaugeMetricFamily(p + "config_max_client_connections",
+                                "Config maximum number of client connections",
+                                value=settings.max_client_conn)
+        yield GaugeMetricFamily(p + "config_max_user_connections",
+                                "Config maximum number of server connections per user",
+                                value=settings.max_user_connections)
+
+        columns = [name for name, _ in SOCKET_COLS]
+        pick = [columns.index(c) for c in ("user", "database", "state", "addr", "port",
+                                           "close_needed")]
+        counts: dict[tuple, int] = {}
+        for row in worker.exchange.gather("SERVERS"):
+            user, db, state, addr, port, close_needed = (row[i] for i in pick)
+            key = (user, db, state, "%s_%d" % (addr, port), "true" if close_needed else "false")
+            counts[key] = counts.get(key, 0) + 1
+        servers = GaugeMetricFamily(p + "server_connections",
+                                    "Server connections with state information",
+                                    labels=["user", "database", "state", "addr",
+                                            "close_needed"])
+        for key, n in sorted(counts.items()):
+            servers.add_metric(list(key), n)
+        yield servers
+
+    def _exporter_databases(self, names: list[str]) -> Iterator[Metric]:
+        """pgbouncer_databases_* per configured database, as SHOW DATABASES has them."""
+        worker = self.worker
+        s = worker.settings
+        labels = ["name", "host", "port", "database", "force_user", "pool_mode"]
+        text = {"pool_size": "Maximum number of server connections",
+                "max_connections": "Maximum number of allowed connections for this database",
+                "current_connections": "Current number of connections for this database",
+                "paused": "1 if this database is currently paused, else 0",
+                "disabled": "1 if this database is currently disabled, else 0"}
+        families = {k: GaugeMetricFamily("pgbouncer_databases_" + k, v, labels=labels)
+                    for k, v in text.items()}
+        current = {r.names[0]: r.totals["servers"] for r in worker.segment.snapshot_rows()
+                   if r.kind == shm.DATABASE}
+        for name in names:
+            db = None if name == ADMIN_DB else worker.database(name)
+            if db is None:
+                continue  # the admin console's entry: it pools nothing
+            values = {
+                "pool_size": s.default_pool_size if db.pool_size is None else db.pool_size,
+                "max_connections": db.max_db_connections or s.max_db_connections,
+                "current_connections": current.get(name, 0),
+                "paused": int(worker.is_paused(name)),
+                "disabled": int(worker.is_disabled(name))}
+            label_values = [name, ",".join(db.host), str(db.port), db.dbname or name,
+                            db.user or "", db.pool_mode or ""]
+            for key, family in families.items():
+                family.add_metric(label_values, values[key])
+        yield from families.values()
 
     def _usage(self, pid: int) -> tuple[int, float, int] | None:
         """(rss, cpu seconds, open fds) of a worker; Process objects are cached per pid."""

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.socket import getaddrinfo, wait_read, wait_write
 
+from prefork import log as plog
+
 from . import auth, proto
 from .proto import MessageReader, ProtocolError
 from .relay import Client, Server
@@ -135,7 +137,7 @@ class Login:
     """
 
     __slots__ = ("worker", "sock", "peer", "cid", "deadline", "reader", "watcher", "params",
-                 "admitted", "user", "dbname", "greenlet")
+                 "admitted", "user", "dbname", "negotiate", "greenlet")
 
     def __init__(self, worker: Worker, sock: socket.socket, peer: tuple[str, int],
                  cid: int) -> None:
@@ -148,17 +150,14 @@ class Login:
         self.watcher = None
         self.params: dict[str, str] | None = None
         self.admitted = False  # holds one of the service's max_client_conn places
-        self.user = self.dbname = "?"
+        self.user = self.dbname = ""  # not known yet: "(nouser)", "(nodb)" in the log
+        self.negotiate = b""  # a NegotiateProtocolVersion owed to the client
         self.greenlet: gevent.Greenlet | None = None
         worker.logins += 1
 
     @property
     def label(self) -> str:
-        return "C-%d" % self.cid
-
-    @property
-    def addr(self) -> str:
-        return "%s:%d" % self.peer
+        return plog.socket_prefix("C", self.cid, self.dbname, self.user, *self.peer)
 
     def start(self) -> None:
         """From the accept callback: read what is there, wait for more on a watcher."""
@@ -199,8 +198,7 @@ class Login:
         except ClientGone:
             self._close()
             if self.worker.settings.log_disconnections:
-                log.info("%s: %s/%s@%s closing because: client unexpected eof", self.label,
-                         self.dbname, self.user, self.addr)
+                log.info("%s closing because: client unexpected eof (age=0s)", self.label)
         except Exception:  # a bug costs this login, never the worker or the admission count
             log.exception("%s: login failed", self.label)
             self._refuse(Refused("internal error"))
@@ -226,9 +224,14 @@ class Login:
                     return None
                 body = msg[1]
             code, params = proto.parse_startup(body)
-            if code == proto.PROTOCOL_V3:
+            if code >> 16 == 3:
                 if reader.buf:
                     raise ProtocolError("data after startup packet")
+                # As PostgreSQL and PgBouncer 1.25: a newer minor or protocol options we do
+                # not know get NegotiateProtocolVersion (3.0, the options), not a refusal.
+                unknown = [k for k in params if k.startswith("_pq_.")]
+                if code != proto.PROTOCOL_V3 or unknown:
+                    self.negotiate = proto.negotiate_protocol_version(unknown)
                 return params
             if code in (proto.SSL_REQUEST_CODE, proto.GSSENC_REQUEST_CODE):
                 if reader.buf:
@@ -259,8 +262,9 @@ class Login:
             from .admin import admin_login
 
             self._log_attempt()
+            self._negotiate()
             admin_login(worker, sock, self.reader, self.deadline, user, dbname, self.cid,
-                        self.addr)
+                        self.peer, params)
             return
         if not self.admitted:
             self.admitted = _admit(worker, can_wait) or self._evict_unauthenticated()
@@ -268,6 +272,7 @@ class Login:
                 raise Refused("no more connections allowed (max_client_conn)")
             worker.unauthenticated[self] = _monotonic()
             self._log_attempt()
+        self._negotiate()
         if worker.draining:
             raise Refused("pooler is shutting down")
         db = worker.database(dbname)
@@ -323,12 +328,19 @@ class Login:
                 return True
         return False
 
+    def _negotiate(self) -> None:
+        """Send the NegotiateProtocolVersion owed, once: where PgBouncer does, after the
+        max_client_conn check and before authentication."""
+        if self.negotiate:
+            send_all(self.sock, self.negotiate, self.deadline)
+            self.negotiate = b""
+
     # -- endings -------------------------------------------------------------------------
 
     def _log_attempt(self) -> None:
         if self.worker.settings.log_connections:
-            log.info("%s: %s/%s@%s login attempt: db=%s user=%s tls=no", self.label,
-                     self.dbname, self.user, self.addr, self.dbname, self.user)
+            log.info("%s login attempt: db=%s user=%s tls=no replication=no", self.label,
+                     self.dbname, self.user)
 
     def _stop_watching(self, close: bool = True) -> None:
         self.worker.handshakes.pop(self, None)
@@ -341,7 +353,7 @@ class Login:
 
     def _refuse(self, exc: Refused) -> None:
         self._stop_watching()
-        _refuse(self.worker, self.sock, exc, self.label, self.dbname, self.user)
+        _refuse(self.worker, self.sock, exc, self.label)
 
     def _close(self) -> None:
         self.sock.close()
@@ -376,15 +388,18 @@ def _admit(worker: Worker, can_wait: bool) -> bool:
         gevent.sleep(0.0002)
 
 
-def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str, dbname: str,
-            user: str) -> None:
+def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str) -> None:
+    """Send PgBouncer's error and close; logged as PgBouncer logs a failed login, with the
+    client's address (``label``)."""
     try:
         sock.send(proto.error_response(exc.text, exc.sqlstate))
     except OSError:
         pass
     sock.close()
+    if worker.settings.log_disconnections:
+        log.info("%s closing because: %s (age=0s)", label, exc.text)
     if worker.settings.log_pooler_errors:
-        log.warning("%s: %s/%s pooler error: %s", label, dbname, user, exc.log_text)
+        log.warning("%s pooler error: %s", label, exc.log_text)
 
 
 def _client_params(worker: Worker, params: dict[str, str]) -> dict[str, str]:
@@ -464,18 +479,18 @@ def authenticate(worker: Worker, sock: socket.socket, reader: MessageReader, dea
             raise Refused("bouncer config error", log_text="auth_type=any requires a forced user")
     elif method == "trust":
         if stored is None:
-            raise Refused('"trust" authentication failed', "28P01")
+            raise Refused('"trust" authentication failed')
     elif method == "plain":
         send_all(sock, proto.auth_request(proto.AUTH_CLEARTEXT), deadline)
         password = _password(sock, reader, deadline)
         if stored is None or not auth.plain_verify(stored, user, password.rstrip(b"\x00")):
-            raise Refused("password authentication failed", "28P01")
+            raise Refused("password authentication failed")
     elif method == "md5" and not (stored and auth.parse_scram_secret(stored)):
         salt = secrets.token_bytes(4)
         send_all(sock, proto.auth_request(proto.AUTH_MD5, salt), deadline)
         response = _password(sock, reader, deadline).rstrip(b"\x00")
         if stored is None or not auth.md5_verify(stored, user, salt, response):
-            raise Refused("password authentication failed", "28P01")
+            raise Refused("password authentication failed")
     else:  # scram-sha-256, or md5 with a SCRAM secret stored
         return _scram(worker, sock, reader, deadline, user, stored)
     return None, AUTH_OK
@@ -505,7 +520,7 @@ def _scram(worker: Worker, sock: socket.socket, reader: MessageReader, deadline:
         final = _password(sock, reader, deadline)
         server_final = server.handle_client_final(final)
     except (auth.AuthFailed, ValueError) as exc:
-        raise Refused("SASL authentication failed", "28P01",
+        raise Refused("SASL authentication failed",
                       log_text="SASL authentication failed: %s" % exc) from None
     done = proto.auth_request(proto.AUTH_SASL_FINAL, server_final) + AUTH_OK
     if server.client_key is not None and server.server_key is not None:
@@ -574,8 +589,8 @@ def open_server(pool: Pool) -> Server:
         raise
     server = Server(worker, sock, pool, params, pid, key, target)
     if worker.settings.log_connections:
-        log.info("S-%d: %s/%s@%s:%d new connection to server", server.id, pool.dbname,
-                 pool.user, server.addr, server.port)
+        local = server.local()
+        log.info("%s new connection to server (from %s:%d)", server.label(), *local)
     return server
 
 
@@ -666,7 +681,7 @@ def forward_cancel(worker: Worker, server: Server,
     try:
         sock = connect(server.target, deadline)
     except (OSError, LoginTimeout) as exc:
-        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        log.warning("%s cancel request failed: %s", server.label(), exc)
         _cancel_over(server, request)
         return
     try:
@@ -674,7 +689,7 @@ def forward_cancel(worker: Worker, server: Server,
         # The server closes the connection when it has processed the request.
         wait_read(sock.fileno(), timeout=max(deadline - _monotonic(), 0.001))
     except Exception as exc:  # a failed cancel is logged, never fatal
-        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        log.warning("%s cancel request failed: %s", server.label(), exc)
     finally:
         sock.close()
         _cancel_over(server, request)

@@ -204,7 +204,7 @@ class Pool:
         if sql is None:
             return True
         if self.worker.settings.verbose:
-            log.debug("S-%d: applying %s", server.id, sql)
+            log.debug("%s applying %s", server.label(), sql)
         server.run_internal(sql, self._aligned)
         return False
 
@@ -464,7 +464,7 @@ class Pool:
 
     def _connect_query_done(self, server: Server, error: dict[str, str] | None) -> None:
         if error is not None:
-            log.warning("S-%d: connect_query failed: %s", server.id, error.get("M", ""))
+            log.warning("%s connect_query failed: %s", server.label(), error.get("M", ""))
         self.give(server)
 
     def _login_failed(self, exc) -> None:

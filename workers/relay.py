@@ -31,6 +31,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Callable
 
+from prefork import log as plog
+
 from . import prepared, proto
 from .proto import BackendScanner, FrontendScanner, MessageReader, ProtocolError
 
@@ -227,7 +229,7 @@ class Client(Conn):
         if isinstance(exc, (ProtocolError, prepared.StatementError)):
             self.disconnect(str(exc), error=str(exc))
         else:
-            log.error("internal error on client C-%d", self.id, exc_info=exc)
+            log.error("%s internal error", self.label(), exc_info=exc)
             self.disconnect("internal error", error="internal error")
 
     def forwarded_partial(self) -> bool:
@@ -428,7 +430,7 @@ class Client(Conn):
         self.worker.cancel_keys.pop(self.cancel_key, None)
 
     def label(self) -> str:
-        return "C-%d: %s/%s@%s:%d" % (self.id, self.dbname, self.user, self.addr, self.port)
+        return plog.socket_prefix("C", self.id, self.dbname, self.user, self.addr, self.port)
 
 
 # ------------------------------------------------------------------------------------ server
@@ -516,7 +518,7 @@ class Server(Conn):
         if isinstance(exc, ProtocolError):
             self.close("bad packet from server: %s" % exc, client_error="server conn crashed?")
         else:
-            log.error("internal error on server S-%d", self.id, exc_info=exc)
+            log.error("%s internal error", self.label(), exc_info=exc)
             self.close("internal error", client_error="server conn crashed?")
 
     def _relay(self, n: int) -> None:
@@ -715,6 +717,10 @@ class Server(Conn):
         self.release_socket()  # our descriptor only: the connection travels in the message
         self.pool.server_gone(self)
 
+    def label(self) -> str:
+        pool = self.pool
+        return plog.socket_prefix("S", self.id, pool.dbname, pool.user, self.addr, self.port)
+
     def close(self, reason: str, client_error: str | None = None, crashed: bool = False,
               partial: bool = False) -> None:
         """Close this server; a linked client cannot continue without it and is closed too.
@@ -736,8 +742,7 @@ class Server(Conn):
         self.draining = False
         self.worker.drains.pop(self, None)
         if self.worker.settings.log_disconnections:
-            log.info("S-%d: %s/%s@%s:%d closing because: %s (age=%ds)", self.id,
-                     self.pool.dbname, self.pool.user, self.addr, self.port, reason,
+            log.info("%s closing because: %s (age=%ds)", self.label(), reason,
                      int(_monotonic() - self.born))
         self.pool.server_gone(self)
         self.rw.stop()

@@ -71,6 +71,8 @@ class Worker:
         self.averages: dict[str, list[float]] = {}
         self._stats_mark: tuple[int, dict[str, list[int]]] | None = None
         self.logins = 0
+        self.admins: dict = {}  # console sessions (admin.AdminSession) by client id
+        self.admin_stats = [0] * len(shm.STAT_FIELDS)  # the admin pool's, as PgBouncer's
         self.draining = False
         self.drainer = None  # a migrate.Drain while this worker moves its clients away
         self.state = state  # PAUSE/DISABLE/KILL as the master told every worker
@@ -380,8 +382,8 @@ class Worker:
                                  "(not drained within cancel_wait_timeout)")
             for server, since in list(self.closing.items()):
                 if now - since > CLOSE_WAIT:
-                    log.warning("S-%d: backend did not end within %ds of Terminate; "
-                                "no longer counted", server.id, CLOSE_WAIT)
+                    log.warning("%s backend did not end within %ds of Terminate; "
+                                "no longer counted", server.label(), CLOSE_WAIT)
                     server.gone()
             self._stats_period()
         except Exception:
