@@ -252,9 +252,9 @@ class Top(App):
         yield Static(id="summary")
         yield Input(placeholder="filter by database: part of the name or a pattern like "
                     "app_*; Enter applies, empty shows all, Esc cancels", id="filter")
-        yield DataTable(id="pools", cursor_type="row", zebra_stripes=True)
+        yield DataTable(id="pools", cursor_type="none", zebra_stripes=True)
         yield Static(id="workers-title")
-        yield DataTable(id="workers", cursor_type="row", zebra_stripes=True)
+        yield DataTable(id="workers", cursor_type="none", zebra_stripes=True)
         yield Footer()
 
     async def on_mount(self) -> None:
