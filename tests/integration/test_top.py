@@ -8,6 +8,7 @@ screen is left in the test's artifacts directory (as text, with colours, and as 
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 import sys
 import time
@@ -182,3 +183,17 @@ def test_top_says_what_is_wrong_before_taking_the_screen():
                             capture_output=True, text=True, timeout=30)
     assert nobody.returncode == 1
     assert "cannot reach the admin console" in nobody.stderr and "refused" in nobody.stderr
+
+
+def test_top_rides_out_a_restart_of_the_pooler(pgherd, tmux):
+    first = pgherd(workers=1)
+    tmux.start(PGHERD + ["top", "--dsn", first.dsn("pgbouncer")])
+    tmux.wait_screen(lambda s: [w["pid"] for w in workers(s)] == first.worker_pids(),
+                     message="the worker of the first pgherd")
+    first.stop(signal.SIGINT)  # as systemctl stop: SIGTERM would wait for top to leave
+    tmux.wait_screen(lambda s: "(retrying)" in s, message="the lost console, said")
+    second = pgherd(workers=2, settings={"listen_port": first.port})
+    screen = tmux.wait_screen(
+        lambda s: sorted(w["pid"] for w in workers(s)) == sorted(second.worker_pids()),
+        message="the workers of the second pgherd")
+    assert "(retrying)" not in screen
