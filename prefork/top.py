@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.text import Text
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Input, Static
@@ -117,13 +118,13 @@ class AdminConsole:
 
     async def sample(self) -> Sample:
         """Poll the console once; raises psycopg.Error when it cannot be reached."""
-        if self.conn is None or self.conn.closed:
-            # autocommit: no BEGIN; prepare_threshold None: nothing but simple queries.
-            self.conn = await psycopg.AsyncConnection.connect(
-                self.conninfo, autocommit=True, prepare_threshold=None)
-            self.version = (await self._show("SHOW VERSION"))[0]["version"]
-            self.pgherd = "pgherd" in self.version
         try:
+            if self.conn is None or self.conn.closed:
+                # autocommit: no BEGIN; prepare_threshold None: nothing but simple queries.
+                self.conn = await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, prepare_threshold=None)
+                self.version = (await self._show("SHOW VERSION"))[0]["version"]
+                self.pgherd = "pgherd" in self.version
             pools = await self._show("SHOW POOLS")
             stats = await self._show("SHOW STATS")
             at = time.monotonic()
@@ -269,13 +270,14 @@ class Top(App):
         if self.paused or self._polling:
             return
         self._polling = True
+        reconnecting = self.admin.conn is None  # maybe another service now: no rates across
         try:
             sample = await self.admin.sample()
         except psycopg.Error as exc:
             self.error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         else:
             self.error = None
-            self.samples = (sample, self.samples[0])
+            self.samples = (sample, None if reconnecting else self.samples[0])
         finally:
             self._polling = False
         self.draw()
@@ -300,7 +302,7 @@ class Top(App):
         self.pattern = event.value.strip()
         self._close_filter()
 
-    def on_key(self, event) -> None:
+    def on_key(self, event: events.Key) -> None:
         box = self.query_one("#filter", Input)
         if event.key == "escape" and box.has_class("shown"):
             self._close_filter()
