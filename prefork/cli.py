@@ -1,5 +1,6 @@
 """The ``pgherd`` command line: PgBouncer's (``pgherd [-d] [-q] [-v]... [-u USER] INI``, the same
-as ``pgherd run``), and pgherd's sub-commands: run, check, reload, stop, status, bench.
+as ``pgherd run``), and pgherd's sub-commands: run, check, reload, stop, status,
+top, bench.
 
 As PgBouncer, pgherd switches to ``-u USER`` (or the ``user`` setting) before it binds or
 writes anything, and refuses to go on as root; pgherd's own ``allow_root`` says otherwise.
@@ -214,6 +215,36 @@ def check(config: str) -> None:
         click.echo("WARNING %s" % problem)
     click.echo("%s: OK (%d databases, %d users, %d workers)" % (
         config, len(cfg.databases), len(cfg.users), cfg.settings.workers))
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--dsn", help="any pgherd or PgBouncer admin console instead of CONFIG's (libpq "
+              "connection string or URL; dbname defaults to pgbouncer)")
+@click.option("--user", "-U", help="log in as this user  [default with CONFIG: pgbouncer over "
+              "our own Unix socket, else the first of stats_users/admin_users]")
+@click.option("--interval", "-i", type=click.FloatRange(0.2), default=1.0, show_default=True,
+              help="seconds between refreshes")
+def top(config: str | None, dsn: str | None, user: str | None, interval: float) -> None:
+    """Live view of pools and workers, waiting most first (keys: w t c s l n sort, f filter,
+    p pause, q quit)."""
+    import psycopg
+
+    from .top import check, conninfo_from_config, conninfo_from_dsn, run
+
+    if (config is None) == (dsn is None):
+        raise click.UsageError("give CONFIG or --dsn")
+    try:
+        conninfo = (conninfo_from_dsn(dsn, user) if dsn is not None
+                    else conninfo_from_config(_load(config, {}), user))
+    except (ValueError, psycopg.ProgrammingError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        check(conninfo)
+    except psycopg.Error as exc:
+        raise click.ClickException("cannot reach the admin console: %s" % str(exc).strip()) \
+            from None
+    run(conninfo, interval)
 
 
 def _targets(ctx: click.Context, param: click.Parameter,

@@ -31,6 +31,7 @@ import psutil
 
 from . import listeners, log as plog, pidfile, statslog, systemd
 from .config import Config, ConfigError, load_config
+from .history import HistorySampler
 from .settings import SETTINGS
 
 log = logging.getLogger("pgherd")
@@ -143,6 +144,8 @@ class Master:
             _daemonize()  # after binding: a port in use is reported to the terminal
         self.segment = shm.Segment.create()
         self.statslog = statslog.StatsLogger(self.segment, s)
+        # the status page's charts (http_listen_port needs a restart, so this one check holds)
+        self.history = HistorySampler(self.segment) if s.http_listen_port else None
         self.inboxes = channel.Inboxes(shm.MAX_WORKERS)
         pidfile.write(s.pidfile)
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -179,6 +182,8 @@ class Master:
             self._rescue_stalled()
             self._release_ghosts()
             self.statslog.tick(time.monotonic(), self.config.settings)
+            if self.history is not None:
+                self.history.tick(time.monotonic())
             if self.stopping:
                 if not any(slot.pid for slot in self.slots):
                     return

@@ -8,6 +8,15 @@ Fixtures
 ``pgherd``   (function) factory starting pgherd services against ``pg``
                         (`tests.helpers.Pgherd`); each one is shut down and checked
                         for orphaned processes when the test ends.
+``pgbouncer`` (function) factory starting the Debian PgBouncer against ``pg``
+                        (`tests.helpers.PgBouncer`), stopped when the test ends.
+``tmux``     (function) a terminal (`tests.helpers.Tmux`), killed when the test ends.
+``chromium`` (function) headless Chromium driven through chromedriver (selenium),
+                        its console log kept; quit when the test ends.
+``artifacts`` (function) a directory for what a test leaves to look at (screenshots):
+                        ``$PGHERD_TEST_ARTIFACTS`` or ``test-artifacts/`` in the
+                        repository, one subdirectory per test; listed at the end of
+                        the run.
 
 Non-fixture helpers (``free_port``, ``wait_for``, ``make_dsn``...) live in
 ``tests/helpers.py``.
@@ -25,14 +34,16 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
 from tests.helpers import (
+    REPO_ROOT,
+    PgBouncer,
     PgCluster,
     Pgherd,
-    free_port,
+    Tmux,
     pg_bindir,
     read_text,
     wait_for,
@@ -234,93 +245,91 @@ def pgherd(pg: PgCluster, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
         pytest.fail("pgherd teardown problems:\n" + "\n\n".join(problems), pytrace=False)
 
 
-
 # --------------------------------------------------------------------------------------
-# PgBouncer, side by side
+# PgBouncer, a terminal, a browser: the other side of side-by-side and person-like tests
 # --------------------------------------------------------------------------------------
 
 
-class PgBouncer:
-    """The installed PgBouncer (Debian's 1.18), run as the unprivileged ``postgres`` user
-    (it refuses root): ``dsn`` reaches its admin console over TCP as ``postgres``."""
+@pytest.fixture
+def pgbouncer(pg: PgCluster) -> Iterator[Callable[..., PgBouncer]]:
+    """Factory: ``b = pgbouncer(settings={...})`` starts the Debian PgBouncer in front of
+    ``pg`` (every database, trust, admin_users = postgres) and waits until its console
+    answers; ``b.host``, ``b.port``, ``b.admin_dsn``, ``b.admin_dicts(command)``."""
+    started: list[PgBouncer] = []
 
-    def __init__(self, pg: PgCluster) -> None:
-        self.binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        self.workdir = tempfile.mkdtemp(prefix="pgb-", dir="/tmp")
-        self.port = free_port()
-        self.ini = os.path.join(self.workdir, "pgbouncer.ini")
-        self.logfile = os.path.join(self.workdir, "pgbouncer.log")
-        self.pg = pg
-        self.proc: subprocess.Popen | None = None
-        self.dsn = "host=127.0.0.1 port=%d user=postgres dbname=pgbouncer" % self.port
+    def start(settings: Mapping[str, Any] | None = None) -> PgBouncer:
+        started.append(PgBouncer(pg, settings))
+        return started[-1].start()
 
-    def write_ini(self, extra: str = "") -> str:
-        with open(self.ini, "w") as f:
-            f.write("[databases]\np1 = host=%s port=%d\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"
-                    "listen_port = %d\nunix_socket_dir = %s\nauth_type = trust\n"
-                    "auth_file = %s/userlist.txt\nadmin_users = postgres\nlogfile = %s\n%s"
-                    % (self.pg.host, self.pg.port, self.port, self.workdir, self.workdir,
-                       self.logfile, extra))
-        with open(os.path.join(self.workdir, "userlist.txt"), "w") as f:
-            f.write('"postgres" ""\n')
-        for name in os.listdir(self.workdir):
-            shutil.chown(os.path.join(self.workdir, name), "postgres")
-        shutil.chown(self.workdir, "postgres")
-        return self.ini
-
-    def run(self, *args: str) -> subprocess.Popen:
-        argv = [self.binary, *args]
-        if os.geteuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--"] + argv
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-
-    def start(self) -> None:
-        import psycopg
-
-        self.proc = self.run("-q", self.ini)
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError("pgbouncer exited: %s" % self.log())
-            try:
-                with psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None) as c:
-                    return c.execute("SHOW VERSION").fetchone()
-            except psycopg.OperationalError:
-                return None
-
-        wait_for(ready, timeout=10)
-
-    def log(self) -> str:
-        return read_text(self.logfile) if os.path.exists(self.logfile) else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+    yield start
+    for b in started:
+        b.stop()
 
 
 @pytest.fixture
 def pgbouncer_setup(pg: PgCluster) -> Iterator[PgBouncer]:
-    """A PgBouncer not started yet (write_ini, run, start): for tests of its command line and
-    config handling. Skipped when PgBouncer is not installed (make test installs it)."""
+    """A PgBouncer not started yet (``write_ini``, ``run``, ``start``): for tests of its
+    command line and of the files it accepts."""
     bouncer = PgBouncer(pg)
-    if not os.path.exists(bouncer.binary):
-        pytest.skip("pgbouncer is not installed (make test installs it with apt)")
-    try:
-        yield bouncer
-    finally:
-        bouncer.stop()
+    yield bouncer
+    bouncer.stop()
 
 
 @pytest.fixture
-def pgbouncer(pgbouncer_setup: PgBouncer) -> str:
-    """The installed PgBouncer running against ``pg`` (database p1): its admin DSN."""
-    pgbouncer_setup.write_ini()
-    pgbouncer_setup.start()
-    return pgbouncer_setup.dsn
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    """A 150x40 terminal: ``tmux.start(argv)``, ``screen()``, ``send(*keys)``,
+    ``wait_screen(predicate)``, ``dead()``."""
+    term = Tmux(tmp_path)
+    yield term
+    term.close()
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    """A selenium WebDriver for headless Chromium (Debian's chromium and chromium-driver,
+    which ``make test`` installs): no network but loopback is used, a fresh profile, a
+    1280x1000 window. ``driver.get_log("browser")`` returns the console messages."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.path.exists(path):
+            pytest.fail("%s is missing: make test installs chromium and chromium-driver" % path)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # with the driver's path: selenium fetches nothing
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                "--user-data-dir=%s" % (tmp_path / "chromium-profile")):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> Path:
+    """This test's directory for things to look at afterwards, emptied first."""
+    root = Path(os.environ.get("PGHERD_TEST_ARTIFACTS") or REPO_ROOT / "test-artifacts")
+    path = root / request.node.name.replace("/", "_")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    request.node.user_properties.append(("artifacts", str(path)))
+    return path
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the tests left their artifacts (screenshots), pass or fail."""
+    paths = sorted({value for reports in terminalreporter.stats.values() for r in reports
+                    for name, value in getattr(r, "user_properties", ()) if name == "artifacts"})
+    if paths:
+        terminalreporter.section("test artifacts")
+        for path in paths:
+            terminalreporter.line(path)

@@ -31,7 +31,7 @@ from ipc import shm
 from prefork import log as plog
 from prefork.settings import SETTINGS
 
-from . import proto
+from . import procstat, proto
 from .login import ClientGone, LoginTimeout, Refused, authenticate, read_message, send_all
 from .proto import MessageReader, ProtocolError
 
@@ -290,33 +290,30 @@ def _show_lists(worker: Worker):
 
 
 def _show_workers(worker: Worker):
-    """pgherd's own: one row per worker slot (psutil for what the kernel knows)."""
+    """pgherd's own: one row per worker slot (psutil for what the kernel knows).
+
+    ``cpu_percent`` is the average over the worker's life; ``cpu_seconds`` lets a poller
+    (``pgherd top``) work out the CPU of the last interval."""
     cols = [("slot", I4), ("pid", I4), ("state", TEXT), ("uptime", I8),
             ("heartbeat_age_ms", I8), ("clients", I4), ("servers", I4), ("rss", I8),
             ("cpu_percent", NUM), ("open_fds", I4), ("restarts", I4), ("epoch", I8),
-            ("servers_sent", I8), ("servers_received", I8)]
+            ("servers_sent", I8), ("servers_received", I8), ("waiting", I4),
+            ("cpu_seconds", NUM)]
     now = time.monotonic_ns()
     rows = []
     for w in worker.segment.read_all(worker.settings.workers):
-        rss = fds = None
-        cpu = None
-        if w.pid:
-            try:
-                proc = psutil.Process(w.pid)
-                with proc.oneshot():
-                    rss = proc.memory_info().rss
-                    fds = proc.num_fds()
-                    times = proc.cpu_times()
-                    cpu = round(100.0 * (times.user + times.system)
-                                / max((now - w.started_ns) / 1e9, 1e-3), 1)
-            except psutil.Error:
-                pass
+        use = procstat.usage(w.pid) if w.pid else None
+        cpu = cpu_seconds = None
+        if use is not None:
+            cpu_seconds = round(use.cpu_seconds, 2)
+            cpu = round(100.0 * use.cpu_seconds / max((now - w.started_ns) / 1e9, 1e-3), 1)
         state = "paused" if w.paused else shm.STATE_NAMES.get(w.state, "?")
         rows.append((w.slot, w.pid or None, state if w.pid else "down",
                      (now - w.started_ns) // 1_000_000_000 if w.pid else 0,
                      (now - w.heartbeat_ns) // 1_000_000 if w.pid else None, w.clients,
-                     w.servers, rss, cpu, fds, w.restarts, w.epoch,
-                     *worker.segment.handovers(w.slot)))
+                     w.servers, use.rss if use else None, cpu, use.open_fds if use else None,
+                     w.restarts, w.epoch, *worker.segment.handovers(w.slot), w.waiting,
+                     cpu_seconds))
     return cols, rows
 
 

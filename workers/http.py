@@ -1,4 +1,5 @@
-"""The HTTP endpoint: ``GET /metrics`` (Prometheus), ``GET /health`` and ``GET /ready``.
+"""The HTTP endpoint: ``GET /metrics`` (Prometheus), ``GET /health``, ``GET /ready``, and the
+status page ``GET /`` with its data ``GET /status.json`` (``statuspage.py``).
 
 Who serves it: every worker, on its own slot's SO_REUSEPORT listener (bound by the master, one
 per worker slot, kept for the life of the service like the pooler's TCP listeners). Every
@@ -82,6 +83,7 @@ from prometheus_client.exposition import choose_encoder
 from ipc import shm
 
 from .admin import ADMIN_DB, COMPAT, SOCKET_COLS, database_names, user_names
+from . import statuspage
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -246,10 +248,12 @@ def respond(worker: Worker, metrics: Metrics, method: str, target: str,
             headers: dict[str, str]) -> tuple[int, str, bytes, dict[str, str]]:
     """(status, content type, body, extra headers) of one request."""
     path = urlsplit(target).path or "/"
-    if path not in ("/metrics", "/health", "/ready"):
-        return 404, _TEXT, b"not found: try /metrics, /health or /ready\n", {}
+    if path not in ("/metrics", "/health", "/ready") + statuspage.PATHS:
+        return 404, _TEXT, b"not found: try /, /metrics, /health or /ready\n", {}
     if method not in ("GET", "HEAD"):
         return 405, _TEXT, b"method not allowed\n", {"Allow": "GET, HEAD"}
+    if path in statuspage.PATHS:
+        return statuspage.respond(worker, path)
     if path == "/metrics":
         try:
             body, ctype = metrics.render(headers.get("accept", ""))

@@ -160,7 +160,7 @@ def test_columns_shared_with_pgbouncer_118(pgherd, pgbouncer, command):
     """The installed PgBouncer (Debian's 1.18) side by side: every column it has is in
     pgherd's answer (or renamed by 1.25), in the same relative order, with the same type."""
     h = pgherd(settings=TXN, workers=2)
-    theirs, _ = _describe(pgbouncer, command)
+    theirs, _ = _describe(pgbouncer().admin_dsn, command)
     ours, _ = _describe(h.dsn("pgbouncer"), command)
     ours_by_name = dict(ours)
     theirs = [(RENAMED_SINCE_118.get((command, n), n), t) for n, t in theirs]
@@ -173,7 +173,7 @@ def test_columns_shared_with_pgbouncer_118(pgherd, pgbouncer, command):
 
 def test_config_keys_cover_pgbouncers(pgherd, pgbouncer):
     h = pgherd(settings=TXN, workers=2)
-    with psycopg.connect(pgbouncer, autocommit=True, prepare_threshold=None) as conn:
+    with psycopg.connect(pgbouncer().admin_dsn, autocommit=True, prepare_threshold=None) as conn:
         theirs = {r[0] for r in conn.execute("SHOW CONFIG")}
     ours = {r[0] for r in h.admin("SHOW CONFIG")}
     assert theirs <= ours, sorted(theirs - ours)

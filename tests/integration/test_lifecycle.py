@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -25,7 +24,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.helpers import Sampler, wait_for
+from tests.helpers import Bench, Sampler, wait_for
 
 WORKERS = 4
 TX = {"pool_mode": "transaction"}
@@ -35,47 +34,6 @@ NO_PREPARE = {"prepare_threshold": None}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-
-
-class Bench:
-    """pgbench through pgherd in the background (``with Bench(...) as b``); killed on exit
-    from the block if it still runs, so a failing test leaves no pgbench behind."""
-
-    def __init__(self, pg, h, *args: str, dbname: str = "bench") -> None:
-        self.cmd = [pg.pgbench_path, "-n", "-h", h.host, "-p", str(h.port), "-U", "postgres",
-                    *args, dbname]
-        self.proc: subprocess.Popen | None = None
-        self.out = self.err = ""
-
-    def __enter__(self) -> "Bench":
-        self.proc = subprocess.Popen(self.cmd, env=_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def finish(self, timeout: float = 60) -> "Bench":
-        self.out, self.err = self.proc.communicate(timeout=timeout)
-        return self
-
-    def assert_clean(self) -> int:
-        """Exit 0, no failed transaction, some processed; returns the processed count."""
-        text = self.out + self.err
-        assert self.proc.returncode == 0, text
-        assert "number of failed transactions: 0" in self.out, text
-        m = re.search(r"number of transactions actually processed: (\d+)", self.out)
-        assert m and int(m.group(1)) > 0, text
-        return int(m.group(1))
 
 
 def slot_of(conn: psycopg.Connection) -> int:

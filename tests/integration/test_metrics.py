@@ -367,7 +367,7 @@ def test_health_ready_and_unknown_paths(service) -> None:
     status, _, body = get(port, "/ready?verbose=1")  # a query string is ignored
     assert status == 200
     assert get(port, "/nope")[0] == 404
-    assert get(port, "/")[0] == 404
+    assert get(port, "/index.html")[0] == 404  # / is the status page (test_statuspage)
     assert get(port, "/metrics/x")[0] == 404
     status, headers, _ = get(port, "/metrics", method="POST", body=b"x" * 100_000)
     assert status == 405 and headers["allow"] == "GET, HEAD"

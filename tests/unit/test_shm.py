@@ -135,3 +135,43 @@ def test_a_reader_never_sees_a_counter_half_written(seg):
     while not os.waitpid(pid, os.WNOHANG)[0]:
         seen.add(seg.cell_get(row, 0, "servers"))
     assert seen <= {255, 256}
+
+
+def test_history_ring_keeps_the_last_samples_oldest_first(seg):
+    assert seg.history() == []
+    for i in range(shm.HISTORY_LEN + 10):
+        seg.history_append(at_ns=1000 + i, xact_count=i, maxwait_ns=2 * i)
+    samples = seg.history()
+    assert len(samples) == shm.HISTORY_LEN - 1  # the oldest slot is the next to be written
+    assert [s["xact_count"] for s in samples] == list(range(11, shm.HISTORY_LEN + 10))
+    last = samples[-1]
+    assert set(last) == set(shm.HISTORY_FIELDS)
+    assert last["at_ns"] == 1000 + shm.HISTORY_LEN + 9 and last["cl_waiting"] == 0
+
+
+def test_history_reader_drops_a_sample_the_master_may_be_overwriting(seg):
+    """A reader whose copy straddles a write keeps only samples whose slot was not reused."""
+    for i in range(shm.HISTORY_LEN):
+        seg.history_append(at_ns=i + 1, xact_count=i)
+    count_word = seg.history_offset >> 3
+    before = seg.q[count_word]
+
+    class Racing:
+        """The count as seen before and after copying the samples: the master wrote 3."""
+
+        def __init__(self, q):
+            self.q = q
+            self.reads = 0
+
+        def __getitem__(self, index):
+            value = self.q[index]
+            if index == count_word:
+                self.reads += 1
+                return value if self.reads == 1 else value + 3
+            return value
+
+    seg.q = Racing(seg.q)
+    samples = seg.history()
+    seg.q = seg.q.q
+    assert [s["xact_count"] for s in samples][0] == before - shm.HISTORY_LEN + 4
+    assert samples[-1]["xact_count"] == before - 1
