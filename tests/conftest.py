@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -46,7 +45,6 @@ from tests.helpers import (
     Tmux,
     pg_bindir,
     read_text,
-    wait_for,
 )
 
 # --------------------------------------------------------------------------------------

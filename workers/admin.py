@@ -25,7 +25,6 @@ import time
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Callable, Iterable
 
-import psutil
 
 from ipc import shm
 from prefork import log as plog
