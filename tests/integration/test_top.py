@@ -66,7 +66,8 @@ def by_db(screen: str) -> dict[str, dict]:
 
 
 def order(screen: str) -> list[str]:
-    return [r["database"] for r in pools(screen)]
+    """The pools in the order shown, but for the console's own (as in SHOW POOLS)."""
+    return [r["database"] for r in pools(screen) if r["database"] != "pgbouncer"]
 
 
 def assert_steady(tmux, seconds: float) -> str:
