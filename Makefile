@@ -5,9 +5,9 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench deps postgres pgbouncer clean deb rpm client-suites
+.PHONY: test demo bench deps postgres pgbouncer pgbadger uitools clean deb rpm client-suites
 
-test: deps postgres pgbouncer
+test: deps postgres pgbouncer pgbadger uitools
 	$(PY) -m pytest -n auto -p no:cacheprovider
 
 demo: deps postgres pgbouncer
@@ -44,6 +44,26 @@ pgbouncer:
 	@command -v pgbouncer >/dev/null 2>&1 || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
 		(apt-get install -y pgbouncer || (apt-get update && apt-get install -y pgbouncer)) || \
 		echo "pgbouncer could not be installed: the demo compares with PostgreSQL only"
+
+# pgBadger (Debian's): the tests check that it reads pgherd's log as a PgBouncer log.
+pgbadger:
+	@command -v pgbadger >/dev/null 2>&1 || \
+		apt-get -o DPkg::Lock::Timeout=300 install -y pgbadger || \
+		(apt-get update && apt-get -o DPkg::Lock::Timeout=300 install -y pgbadger)
+
+# A terminal and a browser for the tests that look at `pgherd top` and the status page as a
+# person would: tmux, and headless Chromium with its driver (Debian's: no browser download).
+UITOOLS := tmux:tmux chromium:chromium chromedriver:chromium-driver
+uitools:
+	@missing=""; for pair in $(UITOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
+		|| (apt-get update && DEBIAN_FRONTEND=noninteractive \
+		    apt-get install -y -q --no-install-recommends $$missing); \
+	fi
 
 # Service packages (packaging/README.md): dist/pgherd_<version>_<arch>.deb and
 # dist/pgherd-<version>-1.<arch>.rpm, version from pyproject.toml. Each installs the Debian

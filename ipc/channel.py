@@ -10,6 +10,12 @@ from one worker to another travels that way, with its state.
 
 Sending never blocks: :meth:`Inboxes.send` returns False when the receiver's queue is full and
 the caller decides how to retry (workers retry in a greenlet; the master on its next tick).
+
+Connections travel on a lane of their own (a second socketpair per worker slot): a worker that
+stops taking its mail (SIGSTOP, a blocking bug) must not sit on servers other workers handed
+it, so the master takes them out of that lane and passes them on. Any process may take a
+hand-over from a lane — each is one datagram, read by one reader — while the control messages
+stay in order in the inbox proper.
 """
 
 from __future__ import annotations
@@ -193,51 +199,64 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
+#: Messages that carry a connection: they travel on the hand-over lane.
+HANDOVERS = (Handoff, ClientHandoff)
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in (rx, tx):
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    return rx, tx
+
+
 class Inboxes:
-    """The inboxes of all worker slots plus the master's (index ``master``)."""
+    """The inboxes of all worker slots plus the master's (index ``master``), and each worker
+    slot's hand-over lane (``lane_rx``/``lane_tx``)."""
 
     def __init__(self, slots: int) -> None:
         self.master = slots
-        self.rx: list[socket.socket] = []
-        self.tx: list[socket.socket] = []
-        for _ in range(slots + 1):
-            rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            for sock in (rx, tx):
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            self.rx.append(rx)
-            self.tx.append(tx)
+        self.rx, self.tx = (list(ends) for ends in zip(*(_pair() for _ in range(slots + 1))))
+        self.lane_rx, self.lane_tx = (list(ends) for ends in zip(*(_pair()
+                                                                    for _ in range(slots))))
 
     def keep_only(self, index: int) -> None:
-        """In a worker: close the receiving ends of every inbox but its own."""
-        for i, rx in enumerate(self.rx):
+        """In a worker: close the receiving ends of every inbox and lane but its own."""
+        for i, (rx, lane) in enumerate(zip(self.rx, self.lane_rx)):
             if i != index:
                 rx.close()
+                lane.close()
+        self.rx[self.master].close()
 
     def send(self, index: int, message: Message, fds: list[int] = ()) -> bool:
-        """Post ``message`` (and ``fds``) to inbox ``index``; False when it is full."""
+        """Post ``message`` (and ``fds``) to inbox ``index`` — a hand-over to its lane;
+        False when it is full."""
         data = _encoder.encode(message)
         if len(data) > MAX_DATAGRAM:
             raise ValueError("control message too large (%d bytes)" % len(data))
         ancillary = []
         if fds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        tx = self.lane_tx[index] if isinstance(message, HANDOVERS) else self.tx[index]
         try:
-            self.tx[index].sendmsg([data], ancillary)
+            tx.sendmsg([data], ancillary)
         except (BlockingIOError, InterruptedError):
             return False
         return True
 
-    def receive(self, index: int) -> tuple[Message, list[int]] | None:
-        """The next message of inbox ``index`` and the fds that came with it, or None.
+    def receive(self, index: int, lane: bool = False) -> tuple[Message, list[int]] | None:
+        """The next message of inbox ``index`` (``lane``: of its hand-over lane) and the fds
+        that came with it, or None.
 
         A datagram that does not decode (a bug, never the normal case) is logged and dropped
         with its fds, so that no reader of an inbox can be stopped by one.
         """
+        rx = self.lane_rx[index] if lane else self.rx[index]
         while True:
             try:
-                data, ancdata, flags, _ = self.rx[index].recvmsg(
+                data, ancdata, flags, _ = rx.recvmsg(
                     MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
             except (BlockingIOError, InterruptedError):
                 return None

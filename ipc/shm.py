@@ -7,7 +7,11 @@ respawned worker) sees the same pages. Layout, at fixed offsets:
 * one 256-byte **worker slot** per worker slot (pid, heartbeat, state, client count, totals);
 * a **row table**: one row per pool ``(database, user)``, per database and per user. A row
   has a header (its key, the master's *ghost* counters, one waiting flag byte per worker) and
-  one **cell** per worker with that worker's counts and stats for the row.
+  one **cell** per worker with that worker's counts and stats for the row;
+* a **history ring**: the last ``HISTORY_LEN - 1`` samples of the service's totals
+  (:data:`HISTORY_FIELDS`), written by the master alone, read by whoever draws charts of the
+  last minutes (the HTTP status page). A sample is published by raising the sample count after
+  its words are written; a reader keeps only samples the master cannot have been overwriting.
 
 Every counter is read and written as one aligned 8-byte word (``Segment.q``, a memoryview cast
 to "Q"): ``struct.pack_into`` writes byte by byte, and a reader in another process could see
@@ -32,12 +36,14 @@ import fcntl
 import mmap
 import os
 import struct
+import time
 import zlib
+from array import array
 
 import msgspec
 
 MAGIC = b"PGHERD\x00\x02"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 MAX_WORKERS = 64
 MAX_ROWS = 1024
 
@@ -57,6 +63,11 @@ _SLOT_OFFSET = {name: i * 8 for i, name in enumerate(SLOT_FIELDS)}
 
 # Worker slot states.
 EMPTY, STARTING, READY, DRAINING = 0, 1, 2, 3
+
+#: A worker writes its heartbeat this often; one whose heartbeat is older than STALLED_AFTER
+#: is taken for stopped (SIGSTOP, a blocking bug): nothing is handed to it meanwhile.
+HEARTBEAT_PERIOD = 0.02
+STALLED_AFTER_NS = 100_000_000
 STATE_NAMES = {EMPTY: "empty", STARTING: "starting", READY: "ready", DRAINING: "draining"}
 
 
@@ -140,6 +151,18 @@ class TableFull(Exception):
     pass
 
 
+# ---------------------------------------------------------------- history ring
+
+#: One sample of the whole service: when (monotonic ns), the stats counters summed over every
+#: pool, the pools' client and server gauges summed, and the oldest waiting client's wait.
+HISTORY_FIELDS = ("at_ns",) + STAT_FIELDS + (
+    "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login",
+    "sv_being_canceled", "maxwait_ns")
+HISTORY_LEN = 301  # 300 samples readable: the slot of the oldest is the one being rewritten
+_HISTORY_WORDS = len(HISTORY_FIELDS)
+HISTORY_SIZE = 8 + HISTORY_LEN * _HISTORY_WORDS * 8  # sample count, then the samples
+
+
 _LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
 _UNLOCK = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 1, 0)
 
@@ -155,6 +178,7 @@ class Segment:
         self.slots_offset = HEADER_SIZE
         self.rows_offset = HEADER_SIZE + SLOT_SIZE * max_workers
         self.row_size = CELLS_OFFSET + CELL_SIZE * max_workers
+        self.history_offset = self.rows_offset + self.row_size * max_rows
         self.lock_fd = -1
         self._rows: dict[bytes, int] = {}  # this process's cache of key -> row index
         # servers, sent, received of every cell of a row in one unpack: the admission check
@@ -167,7 +191,7 @@ class Segment:
         if max_workers > MAX_WORKERS:
             raise ValueError("at most %d workers" % MAX_WORKERS)
         row_size = CELLS_OFFSET + CELL_SIZE * max_workers
-        size = HEADER_SIZE + SLOT_SIZE * max_workers + row_size * max_rows
+        size = HEADER_SIZE + SLOT_SIZE * max_workers + row_size * max_rows + HISTORY_SIZE
         fd = os.memfd_create("pgherd-shm", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
@@ -266,6 +290,15 @@ class Segment:
             if seq & 1 == 0 and q[base] == seq:
                 return WorkerSlot(slot, *values[1:])
             os.sched_yield()
+
+    def beat(self, slot: int, now_ns: int) -> None:
+        """The worker's heartbeat: one aligned word, no seqlock needed to write or read it."""
+        self.q[(self._slot(slot) + _SLOT_OFFSET["heartbeat_ns"]) >> 3] = now_ns
+
+    def stalled(self, slot: int, now_ns: int) -> bool:
+        """Has the worker of ``slot`` missed its heartbeats for STALLED_AFTER_NS?"""
+        return now_ns - self.q[(self._slot(slot) + _SLOT_OFFSET["heartbeat_ns"]) >> 3] \
+            > STALLED_AFTER_NS
 
     def read_all(self, count: int | None = None) -> list[WorkerSlot]:
         return [self.read(i) for i in range(count if count is not None else self.max_workers)]
@@ -384,7 +417,8 @@ class Segment:
         self.mm[base + FLAGS_OFFSET + slot] = 1 if count else 0
 
     def oldest_waiter_elsewhere(self, row: int, slot: int) -> tuple[int, int] | None:
-        """(slot, waiting_since_ns) of the longest-waiting other worker, or None.
+        """(slot, waiting_since_ns) of the longest-waiting other worker that is not stalled,
+        or None.
 
         Runs at every release of a server: the common answer (nobody waits) costs one
         comparison; the flags are then searched in C, not in a Python loop.
@@ -396,11 +430,14 @@ class Segment:
         best = None
         cells = (self._row_base(row) + CELLS_OFFSET + _CELL_OFFSET["waiting_since_ns"]) >> 3
         q = self.q
+        now_ns = time.monotonic_ns()
         other = flags.find(1)
         while other >= 0:
             if other != slot:
                 since = q[cells + other * _CELL_WORDS]
-                if since and (best is None or since < best[1]):
+                # A stopped worker's clients wait longest of all: never send servers there.
+                if since and (best is None or since < best[1]) and not self.stalled(
+                        other, now_ns):
                     best = (other, since)
             other = flags.find(1, other + 1)
         return best
@@ -476,4 +513,34 @@ class Segment:
             totals["servers"] = self.servers_total(row)
             del totals["waiting_since_ns"]
             out.append(RowSnapshot(kind, tuple(names), totals, oldest))
+        return out
+
+    # -- history ring: the master samples, any process reads ---------------------------
+
+    def history_append(self, **values: int) -> None:
+        """Add one sample (fields of :data:`HISTORY_FIELDS`, missing ones 0); master only."""
+        q = self.q
+        count_at = self.history_offset >> 3
+        count = q[count_at]
+        start = count_at + 1 + (count % HISTORY_LEN) * _HISTORY_WORDS
+        q[start : start + _HISTORY_WORDS] = array("Q", [values.get(name, 0)
+                                                        for name in HISTORY_FIELDS])
+        q[count_at] = count + 1  # published last: the sample is whole before it is counted
+
+    def history(self) -> list[dict[str, int]]:
+        """The samples of the ring, oldest first.
+
+        Lock-free against the master's writes: the sample being written is the one after
+        the last counted, in the slot of the oldest; samples whose slot the master may have
+        reused while we read (count moved on meanwhile) are dropped."""
+        q = self.q
+        count_at = self.history_offset >> 3
+        count = q[count_at]
+        words = q[count_at + 1 : count_at + 1 + HISTORY_LEN * _HISTORY_WORDS].tolist()
+        after = q[count_at]
+        first = max(0, after - HISTORY_LEN + 1)
+        out = []
+        for n in range(first, count):
+            at = (n % HISTORY_LEN) * _HISTORY_WORDS
+            out.append(dict(zip(HISTORY_FIELDS, words[at : at + _HISTORY_WORDS])))
         return out

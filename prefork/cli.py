@@ -1,9 +1,17 @@
-"""The ``pgherd`` command line: run, check, bench, --version."""
+"""The ``pgherd`` command line: PgBouncer's (``pgherd [-d] [-q] [-v]... [-u USER] INI``, the same
+as ``pgherd run``), and pgherd's sub-commands: run, check, reload, stop, status,
+top, bench.
+
+As PgBouncer, pgherd switches to ``-u USER`` (or the ``user`` setting) before it binds or
+writes anything, and refuses to go on as root; pgherd's own ``allow_root`` says otherwise.
+PgBouncer's online restart (``-R``) is refused: pgherd replaces workers one at a time instead.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
 import sys
 from importlib.metadata import version
 
@@ -22,10 +30,57 @@ def _load(config_path: str, overrides: dict[str, str]):
     return config
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _PgBouncerCompatible(click.Group):
+    """``pgherd [OPTIONS] INI``, PgBouncer's form, is ``pgherd run [OPTIONS] INI``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        group_options = ("-h", "--help", "-V", "--version")
+        if args and args[0] not in self.commands and args[0] not in group_options:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_PgBouncerCompatible, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version("pgherd"), "-V", "--version", prog_name="pgherd")
 def main() -> None:
-    """pgherd: a PgBouncer-compatible PostgreSQL connection pooler that uses every core."""
+    """pgherd: a PgBouncer-compatible PostgreSQL connection pooler that uses every core.
+
+    \b
+    PgBouncer's command line works as is:
+      pgherd [-d] [-q] [-v]... [-u USER] CONFIG    (the same as: pgherd run ...)
+    """
+
+
+def _load_code() -> None:
+    """Import what the master and the workers import later, while still privileged: the new
+    user may not be able to read the installation (a virtualenv under /root, say). Importing
+    creates no gevent hub; workers still make theirs after the fork."""
+    import gevent
+    import setproctitle  # noqa: F401
+
+    for name in ("loop", "format_context", "resolver", "threadpool"):
+        getattr(gevent.config, name)  # gevent imports these when a hub is made
+    import workers.admin  # noqa: F401
+    import workers.http  # noqa: F401
+    import workers.migrate  # noqa: F401
+    import workers.worker  # noqa: F401
+
+
+def switch_user(name: str) -> None:
+    """Become ``name`` (its uid, gid and groups), as PgBouncer's -u / user setting."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise click.ClickException("could not find user '%s' to switch to" % name) from None
+    try:
+        if os.getuid() == 0:
+            os.initgroups(name, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as exc:
+        raise click.ClickException("could not switch to user '%s': %s"
+                                   % (name, exc.strerror)) from None
+    os.environ.update(HOME=entry.pw_dir, USER=name, LOGNAME=name)
 
 
 @main.command()
@@ -35,7 +90,11 @@ def main() -> None:
               help="detach into the background (needs pidfile and logfile, like PgBouncer's -d)")
 @click.option("--quiet", "-q", is_flag=True, help="log nothing to stderr")
 @click.option("--verbose", "-v", count=True, help="more detail in the log (repeatable)")
-def run(config: str, workers: int | None, daemon: bool, quiet: bool, verbose: int) -> None:
+@click.option("--user", "-u", "user", metavar="USERNAME",
+              help="assume the identity of USERNAME (overrides the user setting)")
+@click.option("--reboot", "-R", is_flag=True, hidden=True)
+def run(config: str, workers: int | None, daemon: bool, quiet: bool, verbose: int,
+        user: str | None, reboot: bool) -> None:
     """Run the pooler with CONFIG (a pgbouncer.ini), in the foreground unless --daemon."""
     import setproctitle
 
@@ -44,13 +103,33 @@ def run(config: str, workers: int | None, daemon: bool, quiet: bool, verbose: in
     from .master import Master
     from .pidfile import PidfileError
 
+    if reboot:
+        raise click.ClickException(
+            "online restart (-R) is not supported by pgherd: it cannot take over a running "
+            "pooler's connections. RELOAD (SIGHUP) applies a new configuration live, and pgherd "
+            "replaces its workers one at a time without dropping clients")
     overrides = {"workers": str(workers)} if workers is not None else {}
     cfg = _load(config, overrides)
+    user = user or cfg.settings.user
+    if user:
+        _load_code()
+        switch_user(user)
+    if os.getuid() == 0 and not cfg.settings.allow_root:
+        raise click.ClickException(
+            "pgherd should not run as root (as PgBouncer, which refuses to): run it with "
+            "-u USER or set user = USER; allow_root = 1 runs it as root anyway")
     if daemon and not (cfg.settings.pidfile and cfg.settings.logfile):
         raise click.ClickException("--daemon needs pidfile and logfile in %s" % config)
-    log.setup(cfg.settings.logfile, max(verbose, cfg.settings.verbose), quiet or daemon,
-              cfg.settings)
+    try:
+        log.setup(cfg.settings.logfile, max(verbose, cfg.settings.verbose), quiet or daemon,
+                  cfg.settings)
+    except OSError as exc:
+        raise click.ClickException("cannot open logfile %s: %s"
+                                   % (cfg.settings.logfile, exc.strerror)) from None
     logger = logging.getLogger("pgherd")
+    logger.debug("loaded %s: %d databases, %d users, %d workers, running as %s", config,
+                 len(cfg.databases), len(cfg.userlist), cfg.settings.workers,
+                 pwd.getpwuid(os.getuid()).pw_name)
     for problem in cfg.warnings:
         logger.warning("%s", problem)
     setproctitle.setproctitle("pgherd: master")
@@ -136,6 +215,36 @@ def check(config: str) -> None:
         click.echo("WARNING %s" % problem)
     click.echo("%s: OK (%d databases, %d users, %d workers)" % (
         config, len(cfg.databases), len(cfg.users), cfg.settings.workers))
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--dsn", help="any pgherd or PgBouncer admin console instead of CONFIG's (libpq "
+              "connection string or URL; dbname defaults to pgbouncer)")
+@click.option("--user", "-U", help="log in as this user  [default with CONFIG: pgbouncer over "
+              "our own Unix socket, else the first of stats_users/admin_users]")
+@click.option("--interval", "-i", type=click.FloatRange(0.2), default=1.0, show_default=True,
+              help="seconds between refreshes")
+def top(config: str | None, dsn: str | None, user: str | None, interval: float) -> None:
+    """Live view of pools and workers, waiting most first (keys: w t c s l n sort, f filter,
+    p pause, q quit)."""
+    import psycopg
+
+    from .top import check, conninfo_from_config, conninfo_from_dsn, run
+
+    if (config is None) == (dsn is None):
+        raise click.UsageError("give CONFIG or --dsn")
+    try:
+        conninfo = (conninfo_from_dsn(dsn, user) if dsn is not None
+                    else conninfo_from_config(_load(config, {}), user))
+    except (ValueError, psycopg.ProgrammingError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        check(conninfo)
+    except psycopg.Error as exc:
+        raise click.ClickException("cannot reach the admin console: %s" % str(exc).strip()) \
+            from None
+    run(conninfo, interval)
 
 
 def _targets(ctx: click.Context, param: click.Parameter,

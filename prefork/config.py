@@ -12,6 +12,12 @@ Choices, PgBouncer's unless said otherwise:
 * Sections: ``[pgbouncer]`` (also spelled ``[pgherd]``), ``[databases]``, ``[users]``; ``[peers]``
   is recognised and ignored with a warning. Section and key names are case-sensitive. At least
   one main section must exist.
+* pgherd's own settings where PgBouncer never looks: PgBouncer refuses a file with a section
+  or a key it does not know ("invalid section", "unknown parameter"), so a file that must stay
+  readable by PgBouncer (to roll back) keeps pgherd's keys in a companion file beside it,
+  ``<name>.pgherd.ini`` for ``<name>.ini`` (:func:`companion_path`), with one ``[pgherd]``
+  section, read after the main file (its values win) on every load and reload. pgherd's keys are
+  still accepted in ``[pgbouncer]`` for existing users.
 * Lines: ``;`` or ``#`` start a comment only at the start of a line; ``key = value`` takes the
   rest of the line verbatim (trailing blanks dropped). Keys are ``[A-Za-z0-9_.*-]+``, or quoted:
   ``"SQL style"`` (``""`` is a quote) or ``'single'``, for database and user names.
@@ -144,6 +150,23 @@ class Config(msgspec.Struct, frozen=True):
         db = self.databases.get(name)
         return db if db is not None else self.databases.get("*")
 
+    def with_setting(self, name: str, value: Any) -> Config:
+        """This configuration with one setting changed (the console's SET), resolved as
+        the same value read from the file would be."""
+        values = msgspec.structs.asdict(self.settings)
+        values[name] = value
+        _resolve(values, self.path)
+        return msgspec.structs.replace(self, settings=Settings(**values))
+
+
+def _resolve(values: dict[str, Any], path: str) -> None:
+    """Values that stand for another one: ``workers = 0`` is one per CPU, an empty
+    ``conffile`` the file that was loaded."""
+    if values["workers"] == 0:
+        values["workers"] = os.cpu_count() or 1
+    if not values["conffile"]:
+        values["conffile"] = path
+
 
 def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
     """Read ``path`` (and its includes and auth_file) into a Config, or raise ConfigError.
@@ -154,16 +177,16 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
     loader = _Loader()
     reader = _IniReader(loader)
     reader.read_main(path)
+    companion = companion_path(path)
+    if os.path.exists(companion):
+        reader.read_companion(companion)
     for key, raw in (overrides or {}).items():
         loader.set_setting(COMMAND_LINE, 0, key, raw)
     if reader.files_read and not reader.main_seen:
         loader.error(path, 0, "", "no [pgbouncer] section")
 
     values = loader.values
-    if values["workers"] == 0:
-        values["workers"] = os.cpu_count() or 1
-    if not values["conffile"]:
-        values["conffile"] = path
+    _resolve(values, path)
     settings = Settings(**values)
     userlist = loader.read_auth_file(path, settings)
 
@@ -178,6 +201,13 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
         userlist=userlist,
         warnings=tuple(loader.problems),
     )
+
+
+def companion_path(path: str) -> str:
+    """Where pgherd's own settings for the config file ``path`` live, out of PgBouncer's sight:
+    ``pgbouncer.ini`` -> ``pgbouncer.pgherd.ini``."""
+    stem, ext = os.path.splitext(path)
+    return (stem if ext == ".ini" else path) + ".pgherd.ini"
 
 
 def load_userlist(path: str) -> dict[str, str]:
@@ -221,6 +251,7 @@ class _IniReader:
         self.section: str | None = None
         self.main_seen = False
         self.files_read = 0
+        self.companion = False  # reading the companion file: only [pgherd] belongs there
 
     def read_main(self, path: str) -> None:
         try:
@@ -229,6 +260,14 @@ class _IniReader:
             self.loader.error(path, 0, "", f"cannot read config file: {_reason(exc)}")
             return
         self._parse(path, text, (os.path.realpath(path),))
+
+    def read_companion(self, path: str) -> None:
+        """pgherd's own settings file (see :func:`companion_path`), after the main file."""
+        self.section, self.companion = None, True
+        try:
+            self.read_main(path)
+        finally:
+            self.companion = False
 
     def _include(self, file: str, line: int, name: str, chain: tuple[str, ...]) -> None:
         if len(chain) > MAX_INCLUDE_DEPTH:
@@ -282,7 +321,11 @@ class _IniReader:
             self.section = _SKIPPED
             return
         name = m.group(1).strip()
-        if name in MAIN_SECTIONS:
+        if self.companion and name != "pgherd":
+            self.loader.error(file, lineno, f"[{name}]",
+                              "only a [pgherd] section belongs in pgherd's settings file")
+            self.section = _SKIPPED
+        elif name in MAIN_SECTIONS:
             self.section = "pgbouncer"
             self.main_seen = True
         elif name in ("databases", "users"):

@@ -3,6 +3,15 @@
 One SO_REUSEPORT TCP socket per worker slot and listen address: the kernel spreads new
 connections over the slots, and a respawned worker inherits its slot's socket, so connections
 queued in the kernel survive a worker's death. The Unix socket is shared by all workers.
+
+SO_REUSEPORT would also let any other process of the same user join a port silently, so at
+start :func:`check_free` refuses a TCP or HTTP address that something already listens on
+("address already in use"), as PgBouncer does — unless ``so_reuseport = 1`` says sharing the
+port is wanted (PgBouncer's meaning: several services on one port, a rolling restart). The
+check is a bind without SO_REUSEPORT, so the kernel applies its own rules (wildcard
+addresses, IPv6). Later binds of the same service (a slot added by a reload) skip it: the
+port is the service's own by then. Two services started at the very same instant may both
+pass the check; one started while another runs never does.
 """
 
 from __future__ import annotations
@@ -31,6 +40,20 @@ def _addresses(config: Config) -> list[tuple[int, str]]:
     return out
 
 
+def check_free(config: Config) -> None:
+    """Raise ListenError naming the first TCP or HTTP address another process listens on;
+    nothing when ``so_reuseport`` allows sharing them."""
+    s = config.settings
+    if s.so_reuseport:
+        return
+    groups = [(_addresses(config), s.listen_port)]
+    if s.http_listen_port:
+        groups.append((_http_addresses(config), s.http_listen_port))
+    for addresses, port in groups:
+        for family, host in addresses:
+            _bind(family, host, port, reuseport=False).close()
+
+
 def bind_tcp(config: Config) -> list[socket.socket]:
     """The TCP listeners of ONE worker slot (one per listen address)."""
     s = config.settings
@@ -49,34 +72,56 @@ def bind_http(config: Config) -> list[socket.socket]:
     s = config.settings
     if not s.http_listen_port:
         return []
-    host = s.http_listen_addr
+    return _bind_group(_http_addresses(config), s.http_listen_port, s.listen_backlog)
+
+
+def _http_addresses(config: Config) -> list[tuple[int, str]]:
+    host = config.settings.http_listen_addr
     if host == "*":
-        return _bind_group([(socket.AF_INET, "0.0.0.0")], s.http_listen_port, s.listen_backlog)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return _bind_group([(family, host)], s.http_listen_port, s.listen_backlog)
+        return [(socket.AF_INET, "0.0.0.0")]
+    return [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
 
 
 def _bind_group(addresses: list[tuple[int, str]], port: int, backlog: int) -> list[socket.socket]:
     """SO_REUSEPORT listeners, one per address; all or none."""
     socks: list[socket.socket] = []
-    for family, host in addresses:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
+    try:
+        for family, host in addresses:
+            sock = _bind(family, host, port, reuseport=True)
+            socks.append(sock)
+            try:
+                sock.listen(backlog)
+            except OSError as exc:
+                raise ListenError("could not listen on %s: %s" % (
+                    _where(host, port), exc.strerror)) from None
             sock.setblocking(False)
-        except OSError as exc:
+    except ListenError:
+        for sock in socks:
             sock.close()
-            for other in socks:
-                other.close()
-            raise ListenError("could not listen on %s:%d: %s" % (host, port,
-                                                                  exc.strerror)) from None
-        socks.append(sock)
+        raise
     return socks
+
+
+def _bind(family: int, host: str, port: int, reuseport: bool) -> socket.socket:
+    """A TCP socket bound to (host, port); ListenError naming the address if it cannot be.
+    SO_REUSEADDR as every server: connections of a previous run in TIME_WAIT do not count."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError("could not listen on %s: %s" % (_where(host, port),
+                                                          exc.strerror)) from None
+    return sock
+
+
+def _where(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 def unix_socket_path(config: Config) -> str | None:

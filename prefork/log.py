@@ -1,14 +1,17 @@
 """Logging for the master and the workers: PgBouncer's line format, one line per event.
 
-``2026-11-22 01:10:22.123 UTC [4242] worker 1 LOG C-17: p0/app@127.0.0.1:50312 login attempt``
-— the pid and the process's role name the worker. Workers inherit the handlers across fork;
-a log file is opened with O_APPEND, so lines from different processes never interleave
+``2026-11-22 01:10:22.123 UTC [4242] LOG C-0x11: p0/app@127.0.0.1:50312 login attempt: ...``
+— exactly PgBouncer's, so tools that read PgBouncer logs (pgBadger) read pgherd's. The pid in
+brackets names the worker (each is a process; the master logs "worker N started (pid P)" and
+SHOW WORKERS lists them); client and server ids are pgherd's connection ids in hex, as
+PgBouncer prints its pointers (:func:`socket_prefix`). Workers inherit the handlers across
+fork; a log file is opened with O_APPEND, so lines from different processes never interleave
 mid-line.
 
 Syslog (``syslog = 1``): a :class:`logging.handlers.SysLogHandler` on ``/dev/log`` (UDP to
 localhost:514 where there is no ``/dev/log``) with ``syslog_facility`` (PgBouncer's names:
 auth, authpriv, daemon, user, local0..local7; an unknown name falls back to daemon, as in
-PgBouncer, with a warning) and lines ``<ident>[<pid>]: <role> <LEVEL> <message>`` (syslog adds
+PgBouncer, with a warning) and lines ``<ident>[<pid>]: <LEVEL> <message>`` (syslog adds
 the time). Its socket is non-blocking: when the syslog daemon cannot keep up, lines are
 dropped rather than stalling a worker's hub. The handler is (re)built by :func:`setup` and by
 :func:`reopen` when they are given the settings, so a reload can switch it on or off.
@@ -29,14 +32,12 @@ _LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "LOG", logging.WARNING: "WARNIN
 
 
 class _Formatter(logging.Formatter):
-    role = "master"
-
     def format(self, record: logging.LogRecord) -> str:
         t = time.gmtime(record.created)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", t) + ".%03d UTC" % record.msecs
-        line = "%s [%d] %s %s %s" % (stamp, record.process, self.role,
-                                     _LEVELS.get(record.levelno, record.levelname),
-                                     record.getMessage())
+        line = "%s [%d] %s %s" % (stamp, record.process,
+                                  _LEVELS.get(record.levelno, record.levelname),
+                                  record.getMessage())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -45,9 +46,12 @@ class _Formatter(logging.Formatter):
 _formatter = _Formatter()
 
 
-def set_role(role: str) -> None:
-    """Name this process in every later line (the master calls it in each forked worker)."""
-    _Formatter.role = role
+def socket_prefix(kind: str, conn_id: int, dbname: str, user: str, addr: str,
+                  port: int) -> str:
+    """PgBouncer's prefix of a line about one connection: ``C-0x1f: db/user@addr:port``
+    (``C`` a client, ``S`` a server; ``(nodb)``/``(nouser)`` before they are known)."""
+    return "%s-0x%x: %s/%s@%s:%d" % (kind, conn_id, dbname or "(nodb)", user or "(nouser)",
+                                     addr, port)
 
 
 class _SyslogFormatter(logging.Formatter):
@@ -56,9 +60,9 @@ class _SyslogFormatter(logging.Formatter):
         self.ident = ident
 
     def format(self, record: logging.LogRecord) -> str:
-        line = "%s[%d]: %s %s %s" % (self.ident, record.process, _Formatter.role,
-                                     _LEVELS.get(record.levelno, record.levelname),
-                                     record.getMessage())
+        line = "%s[%d]: %s %s" % (self.ident, record.process,
+                                  _LEVELS.get(record.levelno, record.levelname),
+                                  record.getMessage())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

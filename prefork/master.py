@@ -31,11 +31,12 @@ import psutil
 
 from . import listeners, log as plog, pidfile, statslog, systemd
 from .config import Config, ConfigError, load_config
+from .history import HistorySampler
 from .settings import SETTINGS
 
 log = logging.getLogger("pgherd")
 
-TICK = 0.25  # seconds between housekeeping rounds when no signal arrives
+TICK = 0.05  # seconds between housekeeping rounds: a stopped worker is noticed within this
 CHECK_EVERY = 5.0  # seconds between memory checks and systemd STATUS lines
 STABLE_AFTER = 5.0  # a worker that lived this long resets its crash back-off
 MAX_BACKOFF = 10.0
@@ -49,19 +50,45 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 
 
 class Slot:
-    """A worker slot: its listeners outlive the processes that serve them."""
+    """A worker slot: its listeners outlive the processes that serve them.
 
-    def __init__(self, index: int, tcp: list[socket.socket], http: list[socket.socket]) -> None:
+    They are bound before the slot's first worker is spawned and closed only when the
+    worker count shrinks below the slot; a slot wanted again is bound anew before its next
+    worker is spawned, so no worker ever runs without its listeners."""
+
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.tcp = tcp
-        self.http = http  # this slot's /metrics /health /ready listener (if configured)
+        self.bound = False
+        self.tcp: list[socket.socket] = []
+        self.http: list[socket.socket] = []  # /metrics /health /ready listener (if configured)
         self.pid = 0
         self.generation = 0
         self.started = 0.0
         self.crashes = 0
         self.respawn_at = 0.0
         self.restarts = 0
-        self.recycling = False  # drained on purpose (max_worker_memory): replace at once
+        # drained on purpose (max_worker_memory, or shrunk away): replaced at once if the
+        # slot is still wanted when its worker exits
+        self.recycling = False
+        self.stalled = False  # its heartbeat stopped: what is handed to it goes elsewhere
+
+    def bind(self, config: Config) -> None:
+        """Bind this slot's listeners, all or none (ListenError)."""
+        tcp = listeners.bind_tcp(config)
+        try:
+            http = listeners.bind_http(config)
+        except listeners.ListenError:
+            for sock in tcp:
+                sock.close()
+            raise
+        self.tcp, self.http, self.bound = tcp, http, True
+
+    def close(self) -> None:
+        for sock in self.tcp + self.http:
+            sock.close()
+        self.tcp = []
+        self.http = []
+        self.bound = False
 
 
 class Master:
@@ -106,9 +133,10 @@ class Master:
 
         self.unix = listeners.bind_unix(self.config)
         try:
+            listeners.check_free(self.config)
             for i in range(s.workers):
-                self.slots.append(Slot(i, listeners.bind_tcp(self.config),
-                                       listeners.bind_http(self.config)))
+                self.slots.append(Slot(i))
+                self.slots[i].bind(self.config)
         except listeners.ListenError:
             self._close_listeners()
             raise
@@ -116,6 +144,8 @@ class Master:
             _daemonize()  # after binding: a port in use is reported to the terminal
         self.segment = shm.Segment.create()
         self.statslog = statslog.StatsLogger(self.segment, s)
+        # the status page's charts (http_listen_port needs a restart, so this one check holds)
+        self.history = HistorySampler(self.segment) if s.http_listen_port else None
         self.inboxes = channel.Inboxes(shm.MAX_WORKERS)
         pidfile.write(s.pidfile)
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -149,8 +179,11 @@ class Master:
             if mail in readable:
                 self._read_mail()
             self._reap()
+            self._rescue_stalled()
             self._release_ghosts()
             self.statslog.tick(time.monotonic(), self.config.settings)
+            if self.history is not None:
+                self.history.tick(time.monotonic())
             if self.stopping:
                 if not any(slot.pid for slot in self.slots):
                     return
@@ -266,26 +299,15 @@ class Master:
         return msgspec.structs.replace(new, settings=settings)
 
     def _resize(self, old: int, new: int) -> None:
-        """Live worker-count change: new slots get listeners and workers; extra ones drain."""
+        """Live worker-count change: slots below ``new`` without a worker get one (and their
+        listeners) from :meth:`_supervise`; the others drain and lose their listeners."""
         log.info("workers: %d -> %d", old, new)
-        try:
-            for index in range(len(self.slots), new):
-                self.slots.append(Slot(index, listeners.bind_tcp(self.config),
-                                       listeners.bind_http(self.config)))
-            for slot in self.slots[:new]:
-                if not slot.pid and not slot.tcp:  # a slot shrunk earlier comes back
-                    slot.tcp = listeners.bind_tcp(self.config)
-                    slot.http = listeners.bind_http(self.config)
-        except listeners.ListenError as exc:
-            log.error("cannot add workers: %s", exc)
-            return
+        self.slots.extend(Slot(index) for index in range(len(self.slots), new))
         for slot in self.slots[new:]:
-            if slot.pid:  # moves its clients to slots below ``new``, then exits; not respawned
+            if slot.pid:  # moves its clients to slots below ``new``, then exits
                 self.inboxes.send(slot.index, channel.Command(0, -1, "DRAIN", str(new)))
-            for sock in slot.tcp + slot.http:
-                sock.close()
-            slot.tcp = []
-            slot.http = []
+                slot.recycling = True
+            slot.close()
 
     def _read_mail(self) -> None:
         while True:
@@ -352,8 +374,7 @@ class Master:
             log.warning("SET %s: needs a restart, ignored", key)  # PgBouncer accepts these
             self._reply(requester, "")
             return
-        settings = msgspec.structs.replace(self.config.settings, **{key: value})
-        self._apply(msgspec.structs.replace(self.config, settings=settings), requester)
+        self._apply(self.config.with_setting(key, value), requester)
 
     def _fan_out(self, requester: tuple[int, int], name: str, arg: str,
                  slots: list[int]) -> None:
@@ -422,6 +443,7 @@ class Master:
         slot.pid = pid
         slot.started = time.monotonic()
         self.segment.write(slot.index, pid=pid)
+        log.info("worker %d started (pid %d)", slot.index, pid)  # the [pid] of its lines
 
     def _become_worker(self, slot: Slot, master_pid: int) -> None:
         code = 70
@@ -443,7 +465,6 @@ class Master:
             import setproctitle
 
             setproctitle.setproctitle("pgherd: worker %d" % slot.index)
-            plog.set_role("worker %d" % slot.index)
             from workers.worker import run
 
             socks = list(slot.tcp) + ([self.unix] if self.unix else [])
@@ -481,13 +502,14 @@ class Master:
                 how = "exited with status %d" % os.WEXITSTATUS(status)
             lived = time.monotonic() - slot.started
             if slot.index >= self.config.settings.workers:
+                slot.recycling = False
                 log.info("worker %d (pid %d) exited: fewer workers configured", slot.index, pid)
                 self._salvage_inbox(slot.index)
                 continue
             if slot.recycling:
                 slot.recycling = False
                 slot.respawn_at = 0.0
-                log.info("worker %d (pid %d) recycled after %.0fs; replacing it", slot.index,
+                log.info("worker %d (pid %d) drained after %.0fs; replacing it", slot.index,
                          pid, lived)
                 continue
             slot.crashes = 0 if lived > STABLE_AFTER else slot.crashes + 1
@@ -540,21 +562,80 @@ class Master:
                 return
 
     def _salvage_inbox(self, index: int) -> None:
-        """A slot that will not be served again may still hold connections in its inbox
-        (a client or server handed to it as it drained): pass them to a live worker."""
-        live = [s.index for s in self.slots if s.pid and s.index < self.config.settings.workers]
+        """A slot that will not be served again may still hold connections (a client or
+        server handed to it as it drained, a cancel's connection): pass the hand-overs on to
+        a live worker; hang up the rest."""
+        while (got := self.inboxes.receive(index)) is not None:
+            for fd in got[1]:
+                os.close(fd)
+        self._pass_on(index, self._runnable())
+
+    def _runnable(self) -> list[int]:
+        """Worker slots that run now: alive, wanted, heartbeat fresh."""
+        now_ns = time.monotonic_ns()
+        return [s.index for s in self.slots if s.pid and s.index < self.config.settings.workers
+                and not self.segment.stalled(s.index, now_ns)]
+
+    def _rescue_stalled(self) -> None:
+        """A worker that stopped running (SIGSTOP, a blocking bug) must not sit on servers
+        and clients the others handed it: within a tick they go back to their sender or on to
+        a worker that runs. The others stop handing it anything by the same heartbeat."""
+        now_ns = time.monotonic_ns()
+        runnable = None
+        for slot in self.slots:
+            if not slot.pid:
+                continue
+            if not self.segment.stalled(slot.index, now_ns):
+                if slot.stalled:
+                    slot.stalled = False
+                    log.info("worker %d (pid %d) is running again", slot.index, slot.pid)
+                continue
+            if self.segment.read(slot.index).state != shm.READY:
+                continue  # starting: no heartbeat yet, and nothing handed to it either
+            if not slot.stalled:
+                slot.stalled = True
+                log.warning("worker %d (pid %d) stopped running (no heartbeat for %d ms): "
+                            "its hand-overs go to the other workers", slot.index, slot.pid,
+                            shm.STALLED_AFTER_NS // 1_000_000)
+            if runnable is None:
+                runnable = self._runnable()
+            self._pass_on(slot.index, runnable)
+
+    def _pass_on(self, index: int, runnable: list[int]) -> None:
+        """Move the hand-overs waiting in slot ``index``'s lane to runnable workers: a server
+        back to the worker that sent it, a client to any. One that finds no taker stays (or
+        is hung up if its slot is gone for good)."""
+        gone = index >= self.config.settings.workers
         for turn in itertools.count():
-            got = self.inboxes.receive(index)
+            got = self.inboxes.receive(index, lane=True)
             if got is None:
                 return
             message, fds = got
-            moved = bool(fds) and bool(live) and isinstance(
-                message, (channel.Handoff, channel.ClientHandoff)) and self.inboxes.send(
-                live[turn % len(live)], message, fds)
+            targets = runnable
+            if isinstance(message, channel.Handoff) and message.from_slot in runnable:
+                targets = [message.from_slot]
+            moved = bool(targets) and self.inboxes.send(targets[turn % len(targets)], message,
+                                                        fds)
+            back = not moved and not gone and self.inboxes.send(index, message, fds)
             for fd in fds:
                 os.close(fd)  # sent ones travel on as copies; the rest are hung up
-            if fds and not moved:
-                log.warning("worker %d: a connection left in its inbox was closed", index)
+            if back:
+                return  # no taker now: the next tick tries again
+            if not moved:
+                log.warning("worker %d: a connection handed to it was closed", index)
+
+    def _bind(self, slot: Slot, now: float) -> bool:
+        """A slot's listeners before its worker is spawned (a new slot, or one shrunk away
+        and wanted again); a failure is retried a second later."""
+        if slot.bound:
+            return True
+        try:
+            slot.bind(self.config)
+        except listeners.ListenError as exc:
+            log.error("worker %d cannot start: %s", slot.index, exc)
+            slot.respawn_at = now + 1.0
+            return False
+        return True
 
     def _release_ghosts(self) -> None:
         now = time.monotonic()
@@ -573,7 +654,7 @@ class Master:
                 if slot.index >= wanted:
                     continue  # shrunk away by a reload
                 all_ready = False
-                if now >= slot.respawn_at:
+                if now >= slot.respawn_at and self._bind(slot, now):
                     slot.restarts += 1
                     self._spawn(slot)
                 continue
@@ -602,8 +683,7 @@ class Master:
 
     def _close_listeners(self) -> None:
         for slot in self.slots:
-            for sock in slot.tcp + slot.http:
-                sock.close()
+            slot.close()
         if self.unix is not None:
             self.unix.close()
             self.unix = None

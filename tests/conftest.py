@@ -8,6 +8,15 @@ Fixtures
 ``pgherd``   (function) factory starting pgherd services against ``pg``
                         (`tests.helpers.Pgherd`); each one is shut down and checked
                         for orphaned processes when the test ends.
+``pgbouncer`` (function) factory starting the Debian PgBouncer against ``pg``
+                        (`tests.helpers.PgBouncer`), stopped when the test ends.
+``tmux``     (function) a terminal (`tests.helpers.Tmux`), killed when the test ends.
+``chromium`` (function) headless Chromium driven through chromedriver (selenium),
+                        its console log kept; quit when the test ends.
+``artifacts`` (function) a directory for what a test leaves to look at (screenshots):
+                        ``$PGHERD_TEST_ARTIFACTS`` or ``test-artifacts/`` in the
+                        repository, one subdirectory per test; listed at the end of
+                        the run.
 
 Non-fixture helpers (``free_port``, ``wait_for``, ``make_dsn``...) live in
 ``tests/helpers.py``.
@@ -20,15 +29,20 @@ notifications, and the PostgreSQL log lines written during the test.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
 from tests.helpers import (
+    REPO_ROOT,
+    PgBouncer,
     PgCluster,
     Pgherd,
+    Tmux,
     pg_bindir,
     read_text,
 )
@@ -228,3 +242,92 @@ def pgherd(pg: PgCluster, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
     if problems:
         pytest.fail("pgherd teardown problems:\n" + "\n\n".join(problems), pytrace=False)
 
+
+# --------------------------------------------------------------------------------------
+# PgBouncer, a terminal, a browser: the other side of side-by-side and person-like tests
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pgbouncer(pg: PgCluster) -> Iterator[Callable[..., PgBouncer]]:
+    """Factory: ``b = pgbouncer(settings={...})`` starts the Debian PgBouncer in front of
+    ``pg`` (every database, trust, admin_users = postgres) and waits until its console
+    answers; ``b.host``, ``b.port``, ``b.admin_dsn``, ``b.admin_dicts(command)``."""
+    started: list[PgBouncer] = []
+
+    def start(settings: Mapping[str, Any] | None = None) -> PgBouncer:
+        started.append(PgBouncer(pg, settings))
+        return started[-1].start()
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def pgbouncer_setup(pg: PgCluster) -> Iterator[PgBouncer]:
+    """A PgBouncer not started yet (``write_ini``, ``run``, ``start``): for tests of its
+    command line and of the files it accepts."""
+    bouncer = PgBouncer(pg)
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    """A 150x40 terminal: ``tmux.start(argv)``, ``screen()``, ``send(*keys)``,
+    ``wait_screen(predicate)``, ``dead()``."""
+    term = Tmux(tmp_path)
+    yield term
+    term.close()
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    """A selenium WebDriver for headless Chromium (Debian's chromium and chromium-driver,
+    which ``make test`` installs): no network but loopback is used, a fresh profile, a
+    1280x1000 window. ``driver.get_log("browser")`` returns the console messages."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.path.exists(path):
+            pytest.fail("%s is missing: make test installs chromium and chromium-driver" % path)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # with the driver's path: selenium fetches nothing
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                "--user-data-dir=%s" % (tmp_path / "chromium-profile")):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> Path:
+    """This test's directory for things to look at afterwards, emptied first."""
+    root = Path(os.environ.get("PGHERD_TEST_ARTIFACTS") or REPO_ROOT / "test-artifacts")
+    path = root / request.node.name.replace("/", "_")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    request.node.user_properties.append(("artifacts", str(path)))
+    return path
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the tests left their artifacts (screenshots), pass or fail."""
+    paths = sorted({value for reports in terminalreporter.stats.values() for r in reports
+                    for name, value in getattr(r, "user_properties", ()) if name == "artifacts"})
+    if paths:
+        terminalreporter.section("test artifacts")
+        for path in paths:
+            terminalreporter.line(path)

@@ -13,6 +13,9 @@ What lives here:
   tests run as root, because initdb/pg_ctl/postgres refuse root.
 * `Pgherd`: one pgherd service under test (config files, process, sd_notify readiness,
   admin console, orphan-checking teardown).
+* `Bench`: pgbench through a pooler in the background; `WaitingClients`: a pool with
+  clients queueing; `PgBouncer`: the Debian PgBouncer side by side; `Tmux`: a terminal to
+  run a program in, type into and read.
 
 Rule of the house: nothing here sleeps to synchronise; everything that waits polls a
 condition against a deadline (`wait_for`).
@@ -156,6 +159,66 @@ class Sampler(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self._halt.set()
         self.join()
+
+
+class Load:
+    """Clients that run ``query`` in a loop through a pooler, reconnecting after an error
+    as applications do, each in a thread; the measure of what a fault costs. Use as a
+    context manager; ``done`` holds the monotonic time of every transaction that succeeded,
+    ``errors`` (time, exception) of every one that failed."""
+
+    def __init__(self, dsn: str, clients: int = 8,
+                 query: str = "SELECT pg_sleep(0.002)", connect_timeout: int = 5) -> None:
+        self.dsn = dsn
+        self.query = query
+        self.connect_timeout = connect_timeout
+        self.done: list[float] = []
+        self.errors: list[tuple[float, BaseException]] = []
+        self.last_ok = [0.0] * clients
+        self._halt = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
+                         for i in range(clients)]
+
+    def _loop(self, i: int) -> None:
+        conn = None
+        while not self._halt.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None,
+                                           connect_timeout=self.connect_timeout)
+                conn.execute(self.query)
+                self.last_ok[i] = now = time.monotonic()
+                self.done.append(now)
+            except psycopg.Error as exc:
+                self.errors.append((time.monotonic(), exc))
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                self._halt.wait(0.02)  # no busy loop while nothing answers
+        if conn is not None:
+            conn.close()
+
+    def count(self, start: float, end: float) -> int:
+        """Transactions done in [start, end)."""
+        return sum(1 for t in list(self.done) if start <= t < end)
+
+    def failed(self, start: float = 0.0, end: float = float("inf")) -> list[BaseException]:
+        return [e for t, e in list(self.errors) if start <= t < end]
+
+    def all_served_after(self, t0: float) -> bool:
+        return all(t > t0 for t in self.last_ok)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        wait_for(lambda: self.all_served_after(0.0), timeout=20,
+                 message=lambda: f"every load client served once; errors {self.errors[-3:]}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        for t in self._threads:
+            t.join(15)
 
 
 # --------------------------------------------------------------------------------------
@@ -424,6 +487,37 @@ class PgCluster:
             with self.connect(dbname=db) as conn:
                 conn.execute("GRANT ALL ON SCHEMA public TO PUBLIC")
 
+    # -- the server process, for tests of outages ---------------------------------
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``pg_ctl -D <datadir> -l <log> ARGS`` as the cluster's owner."""
+        return self.run_as_pg([self._bin("pg_ctl"), "-D", self.datadir, "-l", self.log_path,
+                               *args], check=check)
+
+    def answers(self) -> bool:
+        try:
+            return self.sql("SELECT 1", dbname="postgres") == [(1,)]
+        except psycopg.OperationalError:
+            return False
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop PostgreSQL (the data stays); `start_server` brings it back."""
+        self.ctl("-m", mode, "-w", "-t", "60", "stop")
+
+    def start_server(self) -> None:
+        """Start PostgreSQL again and wait until it answers. The cluster serves every later
+        test of this xdist worker: whatever happened, it is up when this returns."""
+        if self.ctl("status", check=False).returncode != 0:
+            self.ctl("-w", "-t", "60", "start")
+        wait_for(self.answers, timeout=30, message="PostgreSQL up again")
+
+    def restart_server(self) -> None:
+        """``pg_ctl restart -m fast``; up again when this returns, whatever happens."""
+        try:
+            self.ctl("-m", "fast", "-w", "-t", "60", "restart")
+        finally:
+            self.start_server()
+
     def stop(self) -> None:
         """``pg_ctl stop -m immediate`` and remove the data directory."""
         try:
@@ -601,6 +695,9 @@ class Pgherd:
             "auth_file": str(self.userlist_path),
             "admin_users": "postgres",
             "workers": workers,
+            # The tests run as root, and so does the pgherd under test (pgherd's own
+            # setting; as PgBouncer, it refuses root otherwise).
+            "allow_root": 1 if os.geteuid() == 0 else None,
         }
         self._settings = _merge(self._settings, settings)
         self._databases: dict[str, Any] = (
@@ -1028,18 +1125,269 @@ class Pgherd:
         return "\n".join(parts)
 
 
+# --------------------------------------------------------------------------------------
+# load: pgbench in the background
+# --------------------------------------------------------------------------------------
+
+
+def pgbench_env() -> dict[str, str]:
+    """The environment for pgbench/psql children: ours without PG* variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+class Bench:
+    """pgbench through a pooler (anything with ``host`` and ``port``) in the background
+    (``with Bench(...) as b``); killed on exit from the block if it still runs, so a failing
+    test leaves no pgbench behind."""
+
+    def __init__(self, pg: PgCluster, h: Any, *args: str, dbname: str = "bench") -> None:
+        self.cmd = [pg.pgbench_path, "-n", "-h", h.host, "-p", str(h.port), "-U", "postgres",
+                    *args, dbname]
+        self.proc: subprocess.Popen | None = None
+        self.out = self.err = ""
+
+    def __enter__(self) -> "Bench":
+        self.proc = subprocess.Popen(self.cmd, env=pgbench_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout: float = 60) -> "Bench":
+        self.out, self.err = self.proc.communicate(timeout=timeout)
+        return self
+
+    def assert_clean(self) -> int:
+        """Exit 0, no failed transaction, some processed; returns the processed count."""
+        text = self.out + self.err
+        assert self.proc.returncode == 0, text
+        assert "number of failed transactions: 0" in self.out, text
+        m = re.search(r"number of transactions actually processed: (\d+)", self.out)
+        assert m and int(m.group(1)) > 0, text
+        return int(m.group(1))
+
+
+class WaitingClients:
+    """A pool with clients queueing for it (``with WaitingClients(h.dsn("p1"), 2, 3)``):
+    ``holders`` connections each inside a transaction — holding a server each in transaction
+    mode, so a pool of that size is full — and ``waiters`` threads whose ``SELECT 1`` waits
+    for a server, all connecting to ``dsn``. On exit the holders roll back, the waiters are
+    served, and every connection closes."""
+
+    def __init__(self, dsn: str, holders: int, waiters: int) -> None:
+        self.dsn = dsn
+        self.holders: list[psycopg.Connection] = []
+        self.threads = [threading.Thread(target=self._wait, daemon=True) for _ in range(waiters)]
+        self.errors: list[BaseException] = []
+        self.count = holders
+
+    def _wait(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None) as conn:
+                conn.execute("SELECT 1")
+        except BaseException as exc:  # reported by __exit__
+            self.errors.append(exc)
+
+    def __enter__(self) -> "WaitingClients":
+        for _ in range(self.count):
+            conn = psycopg.connect(self.dsn, prepare_threshold=None)  # not autocommit
+            conn.execute("SELECT 1")  # BEGIN went first: the server stays linked
+            self.holders.append(conn)
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for conn in self.holders:
+            conn.close()
+        for t in self.threads:
+            t.join(30)
+        assert not self.errors, self.errors
+
+
+# --------------------------------------------------------------------------------------
+# PgBouncer, side by side
+# --------------------------------------------------------------------------------------
+
+
+class PgBouncer:
+    """The Debian PgBouncer (1.18 on Debian 12) in front of ``pg``, as the ``postgres`` OS
+    user (PgBouncer refuses to run as root): ``[databases] * =`` the test cluster, trust,
+    admin_users = postgres, on a free port of 127.0.0.1 and a Unix socket in ``workdir``.
+    ``settings`` are added to ``[pgbouncer]``. Nothing runs until ``start()`` (or ``run``
+    for a command line of one's own); ``write_ini(extra)`` appends raw ini text."""
+
+    def __init__(self, pg: PgCluster, settings: Mapping[str, Any] | None = None) -> None:
+        binary = pgtools.find_pgbouncer()
+        if binary is None:
+            raise RuntimeError("pgbouncer is not installed (make test installs it with apt)")
+        self.binary = binary
+        self.pg = pg
+        self.settings = dict(settings or {})
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.workdir = tempfile.mkdtemp(prefix="pgb-", dir="/tmp")
+        self.ini = os.path.join(self.workdir, "pgbouncer.ini")
+        self.logfile = os.path.join(self.workdir, "pgbouncer.log")
+        self.proc: subprocess.Popen | None = None
+        self.admin_dsn = self.dsn = make_dsn(self.host, self.port, "pgbouncer", "postgres")
+        self.write_ini()
+
+    def write_ini(self, extra: str = "") -> str:
+        pg = self.pg
+        lines = ["[databases]", f"* = host={pg.host} port={pg.port}", "[pgbouncer]",
+                 f"listen_addr = {self.host}", f"listen_port = {self.port}",
+                 f"unix_socket_dir = {self.workdir}", "auth_type = trust",
+                 f"auth_file = {self.workdir}/userlist.txt", "admin_users = postgres",
+                 f"logfile = {self.logfile}"]
+        lines += [f"{k} = {_ini_value(v)}" for k, v in self.settings.items()]
+        Path(self.ini).write_text("\n".join(lines) + "\n" + extra)
+        Path(self.workdir, "userlist.txt").write_text('"postgres" ""\n')
+        if _is_root():
+            for name in os.listdir(self.workdir):
+                shutil.chown(os.path.join(self.workdir, name), "postgres")
+            shutil.chown(self.workdir, "postgres")
+        return self.ini
+
+    def run(self, *args: str) -> subprocess.Popen:
+        """PgBouncer with these arguments, as ``postgres`` when we are root."""
+        argv = [self.binary, *args]
+        if _is_root():
+            argv = ["runuser", "-u", "postgres", "--"] + argv
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> PgBouncer:
+        self.proc = self.run("-q", self.ini)
+        try:
+            wait_for(self._version, timeout=10, message="PgBouncer to answer SHOW VERSION")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _version(self) -> str | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError("pgbouncer exited: %s" % self.log())
+        try:
+            with psycopg.connect(self.admin_dsn, autocommit=True, prepare_threshold=None) as c:
+                return c.execute("SHOW VERSION").fetchone()[0]
+        except psycopg.OperationalError:
+            return None
+
+    def log(self) -> str:
+        return read_text(self.logfile) if os.path.exists(self.logfile) else ""
+
+    def admin_dicts(self, command: str) -> list[dict[str, Any]]:
+        """One admin-console command, rows as dicts keyed by column name."""
+        with psycopg.connect(self.admin_dsn, autocommit=True, prepare_threshold=None) as c:
+            cur = c.execute(command)
+            return [dict(zip([d.name for d in cur.description], r)) for r in cur.fetchall()]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # runuser passes SIGTERM on to PgBouncer
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# a terminal: tmux
+# --------------------------------------------------------------------------------------
+
+
+class Tmux:
+    """A terminal a test can look at and type into: one detached tmux session on a tmux
+    server of its own (socket in ``workdir``), ``width`` x ``height`` cells. The pane stays
+    after its program exits, so its last screen can still be read."""
+
+    def __init__(self, workdir: Path, width: int = 150, height: int = 40) -> None:
+        self.binary = shutil.which("tmux")
+        if self.binary is None:
+            raise RuntimeError("tmux is not installed (make test installs it with apt)")
+        self.socket = str(workdir / "tmux.sock")
+        conf = workdir / "tmux.conf"
+        conf.write_text("set -g remain-on-exit on\nset -g status off\n"
+                        "set -g default-terminal screen-256color\n")
+        self.width, self.height = width, height
+        self.conf = str(conf)
+        self.started = False
+
+    def _tmux(self, *args: str) -> str:
+        # The server's environment becomes the programs': a COLUMNS/LINES of ours (pytest's
+        # terminal) would override the pane's size, a TMUX of ours would look like nesting.
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "TMUX")}
+        return subprocess.run([self.binary, "-S", self.socket, "-f", self.conf, *args],
+                              capture_output=True, text=True, check=True, timeout=10,
+                              env=env).stdout
+
+    def start(self, argv: list[str], cwd: str | Path = REPO_ROOT) -> None:
+        """Run ``argv`` in the terminal."""
+        self._tmux("new-session", "-d", "-s", "t", "-x", str(self.width), "-y",
+                   str(self.height), "-c", str(cwd), "--", *argv)
+        self.started = True
+
+    def screen(self) -> str:
+        """What the terminal shows now, as text."""
+        return self._tmux("capture-pane", "-p", "-t", "t")
+
+    def screen_ansi(self) -> str:
+        """What the terminal shows now, with its colours (ANSI escape sequences)."""
+        return self._tmux("capture-pane", "-p", "-e", "-t", "t")
+
+    def send(self, *keys: str) -> None:
+        """Type ``keys`` (tmux key names: "q", "Enter", "Escape"...)."""
+        self._tmux("send-keys", "-t", "t", *keys)
+
+    def dead(self) -> bool:
+        """True once the program in the pane has exited."""
+        return self._tmux("display-message", "-p", "-t", "t", "#{pane_dead}").strip() == "1"
+
+    def wait_screen(self, predicate: Callable[[str], Any], timeout: float = 15.0,
+                    message: str = "the screen") -> str:
+        """Poll the screen until ``predicate(screen)`` holds; return that screen."""
+        last = [""]
+
+        def check() -> str | None:
+            last[0] = self.screen()
+            return last[0] if predicate(last[0]) else None
+
+        return wait_for(check, timeout=timeout,
+                        message=lambda: f"{message}; the screen was:\n{last[0]}")
+
+    def close(self) -> None:
+        if self.started:
+            subprocess.run([self.binary, "-S", self.socket, "kill-server"],
+                           capture_output=True, timeout=10)
+            self.started = False
+
+
 __all__ = [
+    "Bench",
     "PG_DATABASES",
     "PG_ROLES",
+    "PgBouncer",
     "PgCluster",
     "Pgherd",
     "PgherdStartError",
+    "Tmux",
+    "WaitingClients",
     "file_size",
     "free_port",
     "login_error",
     "make_dsn",
     "pg_bindir",
     "pg_tool",
+    "pgbench_env",
     "read_text",
     "release_port",
     "wait_for",

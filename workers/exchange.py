@@ -72,9 +72,11 @@ class Exchange:
             channel.Done: self._on_done, channel.Reply: self._on_reply,
         }
         self._watcher = worker.loop.io(inboxes.rx[self.slot].fileno(), 1)
+        self._lane_watcher = worker.loop.io(inboxes.lane_rx[self.slot].fileno(), 1)
 
     def start(self) -> None:
-        self._watcher.start(self._on_mail)
+        self._watcher.start(self._on_mail, False)
+        self._lane_watcher.start(self._on_mail, True)
 
     def on(self, kind: type, handler: Callable) -> None:
         """Register the handler of a message kind owned elsewhere (reload, commands)."""
@@ -82,9 +84,9 @@ class Exchange:
 
     # ------------------------------------------------------------------ transport
 
-    def _on_mail(self) -> None:
+    def _on_mail(self, lane: bool) -> None:
         for _ in range(64):
-            got = self.inboxes.receive(self.slot)
+            got = self.inboxes.receive(self.slot, lane)
             if got is None:
                 return
             message, fds = got
@@ -92,11 +94,13 @@ class Exchange:
                 self._handlers[type(message)](message, fds)
             except Exception:
                 log.exception("control message %s failed", type(message).__name__)
-                for fd in fds:
-                    try:
-                        socket.close(fd)
-                    except OSError:
-                        pass
+            # A handler takes the descriptors it keeps out of ``fds`` (a connection object
+            # owns it from then on, watchers and all); what is left was not taken.
+            for fd in fds:
+                try:
+                    socket.close(fd)
+                except OSError:
+                    pass
 
     def post(self, slot: int, message: channel.Message) -> None:
         """Send without fds; a full inbox is retried by a greenlet, never by blocking."""
@@ -119,7 +123,10 @@ class Exchange:
     def live_slots(self) -> list[int]:
         """Slots with a worker process now (the master keeps pids current in shm)."""
         seg = self.worker.segment
-        return [w.slot for w in seg.read_all() if w.pid and w.slot != self.slot]
+        now_ns = time.monotonic_ns()
+        # A stopped worker cannot answer: its shared counters are as current as they get.
+        return [w.slot for w in seg.read_all() if w.pid and w.slot != self.slot
+                and not seg.stalled(w.slot, now_ns)]
 
     # ------------------------------------------------------------------ hand-overs
 
@@ -142,9 +149,12 @@ class Exchange:
                                server.statements.describe(), server.extra, list(server.startup))
 
     def _on_handoff(self, m: channel.Handoff, fds: list[int]) -> None:
-        server = self.receive_server(m, fds[0])
+        server = self.receive_server(m, fds.pop(0))
         if server is not None:
-            server.pool.adopt(server)
+            try:
+                server.pool.adopt(server)
+            except Exception as exc:
+                server.fail(exc)
 
     def receive_server(self, m: channel.Handoff, fd: int) -> Server | None:
         """Take over a server another worker sent; None if its database went away."""
@@ -153,15 +163,20 @@ class Exchange:
         sock.setblocking(False)
         target = (m.family, m.host if m.family == socket.AF_UNIX else (m.host, m.port))
         rows = worker.limits.handed_in(m.db, m.user)
-        db = worker.database(m.db)
-        if db is None:  # the database went away in between: counted in, now closed
-            log.info("handed a server of unknown database %s: closing it", m.db)
+        try:
+            db = worker.database(m.db)
+            if db is None:  # the database went away in between: counted in, now closed
+                log.info("handed a server of unknown database %s: closing it", m.db)
+                raise LookupError(m.db)
+            pool = worker.pool_for(db, m.user, rows)
+            server = Server(worker, sock, pool, dict(m.params), m.backend_pid, m.backend_key,
+                            target)
+        except Exception as exc:
+            if not isinstance(exc, LookupError):
+                log.exception("could not take over a server of %s/%s", m.db, m.user)
             worker.limits.server_closed(rows)
             sock.close()
             return None
-        pool = worker.pool_for(db, m.user, rows)
-        server = Server(worker, sock, pool, dict(m.params), m.backend_pid, m.backend_key,
-                        target)
         server.born = m.born
         server.connect_time = m.connect_time
         server.close_needed = m.close_needed
@@ -191,9 +206,11 @@ class Exchange:
         self._want_next[pool] = now + WANT_INTERVAL
         seg, row = self.worker.segment, pool.rows[0]
         message = channel.Want(pool.dbname, pool.user, self.slot, evict)
+        now_ns = time.monotonic_ns()
         for slot in range(self.worker.settings.workers):
             if slot != self.slot and (evict or (seg.cell_get(row, slot, "servers")
-                                                and not seg.cell_get(row, slot, "cl_waiting"))):
+                                                and not seg.cell_get(row, slot, "cl_waiting"))
+                                      ) and not seg.stalled(slot, now_ns):
                 self.inboxes.send(slot, message)  # best effort: releases check the flags
 
     def _on_want(self, m: channel.Want, fds: list[int]) -> None:
@@ -221,7 +238,7 @@ class Exchange:
         self.post(slot, message)
 
     def _on_cancel(self, m: channel.Cancel, fds: list[int]) -> None:
-        request = socket.socket(fileno=fds[0]) if fds else None
+        request = socket.socket(fileno=fds.pop(0)) if fds else None
         if m.tried:
             self.worker.cancel(m.pid, m.key, request, m.tried)
         else:  # from a draining worker that knows where the client went

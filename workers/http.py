@@ -1,4 +1,5 @@
-"""The HTTP endpoint: ``GET /metrics`` (Prometheus), ``GET /health`` and ``GET /ready``.
+"""The HTTP endpoint: ``GET /metrics`` (Prometheus), ``GET /health``, ``GET /ready``, and the
+status page ``GET /`` with its data ``GET /status.json`` (``statuspage.py``).
 
 Who serves it: every worker, on its own slot's SO_REUSEPORT listener (bound by the master, one
 per worker slot, kept for the life of the service like the pooler's TCP listeners). Every
@@ -9,12 +10,16 @@ worker starts draining, so ``/ready`` keeps answering 503 until that worker has 
 
 How it serves: :class:`gevent.server.StreamServer` on the existing listener, in the worker's
 hub, with a small handler (HTTP/1.1, ``Connection: close``, one request per connection).
-Hostile or slow clients cannot hurt the pooler: at most :data:`MAX_CONNECTIONS` requests per
-worker are handled at once (beyond that the listener stops accepting and the kernel backlog
-holds them), the request head must arrive within :data:`READ_TIMEOUT` seconds and fit in
-:data:`MAX_HEAD` bytes, the answer is written within :data:`WRITE_TIMEOUT` seconds; request
-bodies are never read into memory. Nothing here blocks the hub: sockets are gevent's, and the
-only other I/O is reading ``/proc`` through psutil.
+Hostile or slow clients cannot hurt the pooler nor delay anyone's answer: the listener never
+stops accepting, and a worker keeps at most :data:`MAX_CONNECTIONS` HTTP connections open —
+a new one closes the oldest (:class:`_Connections`) rather than wait behind it, since a
+request that is answered takes milliseconds and the oldest connection is the likeliest to
+be idle or stalled. The request head must arrive within :data:`READ_TIMEOUT` seconds and fit
+in :data:`MAX_HEAD` bytes; at most :data:`MAX_ANSWERS` requests whose head has arrived are
+answered at once (each scrape sends every worker a message); the answer is written within
+:data:`WRITE_TIMEOUT` seconds; request bodies are never read into memory. Nothing here
+blocks the hub: sockets are gevent's, and the only other I/O is reading ``/proc`` through
+psutil.
 
 Freshness of ``/metrics``: each scrape first calls ``worker.exchange.publish_all()``, which
 asks every worker to write its counters to shared memory now and waits for them
@@ -42,6 +47,18 @@ Metric names (all prefixed ``pgherd_``; times in seconds, sizes in bytes):
   ``worker_heartbeat_age_seconds``, ``worker_config_epoch``;
 * service: ``info`` (label ``version``), ``workers_configured``, ``workers_live``,
   ``config_epoch``, ``reload_failures_total``, ``paused``.
+
+Beside them, what the community exporter (prometheus-community/pgbouncer_exporter) makes of
+PgBouncer 1.25's admin console, same names, labels and units, so that dashboards and alerts
+written for it work unchanged (:meth:`Metrics.exporter`): ``pgbouncer_up``,
+``pgbouncer_version_info``; from SHOW POOLS ``pgbouncer_pools_*`` (``database``, ``user``),
+from SHOW STATS ``pgbouncer_stats_*_total`` (``database``), from SHOW DATABASES
+``pgbouncer_databases_*`` (``name``, ``host``, ``port``, ``database``, ``force_user``,
+``pool_mode``), from SHOW LISTS ``pgbouncer_databases``, ``_users``, ``_pools``,
+``_free_clients``... , from SHOW CONFIG ``pgbouncer_config_max_client_connections`` and
+``_max_user_connections``, from SHOW SERVERS ``pgbouncer_server_connections``. As the exporter
+does against 1.25, there is no ``pgbouncer_databases_reserve_pool`` (1.24 renamed the column);
+the admin console's own pool is left out (it pools nothing).
 """
 
 from __future__ import annotations
@@ -52,11 +69,11 @@ import os
 import socket
 import time
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 from urllib.parse import urlsplit
 
 import gevent
-import gevent.pool
+import gevent.lock
 import gevent.server
 import gevent.socket
 import psutil
@@ -65,12 +82,16 @@ from prometheus_client.exposition import choose_encoder
 
 from ipc import shm
 
+from .admin import ADMIN_DB, COMPAT, SOCKET_COLS, database_names, user_names
+from . import statuspage
+
 if TYPE_CHECKING:
     from .worker import Worker
 
 log = logging.getLogger("pgherd")
 
-MAX_CONNECTIONS = 16  # requests handled at once per worker
+MAX_CONNECTIONS = 64  # HTTP connections open at once per worker; a new one closes the oldest
+MAX_ANSWERS = 16  # requests answered at once per worker; the others wait for their turn
 MAX_HEAD = 8192  # request line + headers, bytes
 READ_TIMEOUT = 5.0  # the request head must arrive within this
 WRITE_TIMEOUT = 10.0  # the answer must be taken within this
@@ -94,19 +115,39 @@ def serve(worker: Worker, listeners: list[socket.socket]) -> list[gevent.server.
     """Start answering HTTP on ``listeners`` (already bound and listening) in this hub.
 
     Returns at once; the servers live until the worker process exits."""
-    pool = gevent.pool.Pool(MAX_CONNECTIONS)
-    metrics = Metrics(worker)
+    answering = gevent.lock.BoundedSemaphore(MAX_ANSWERS)
+    connections = _Connections(functools.partial(_handle, worker, Metrics(worker), answering))
     servers = []
     for lsock in listeners:
         gsock = gevent.socket.socket(lsock.family, lsock.type, lsock.proto,
                                      fileno=lsock.detach())
         gsock.setblocking(False)
-        server = gevent.server.StreamServer(gsock, functools.partial(_handle, worker, metrics),
-                                            spawn=pool)
+        server = gevent.server.StreamServer(gsock, connections)
         server.start()
         servers.append(server)
     _servers.extend(servers)
     return servers
+
+
+class _Connections:
+    """The worker's open HTTP connections, oldest first, each handled by ``handle`` in a
+    greenlet of its own; at most :data:`MAX_CONNECTIONS`, by closing the oldest when a new
+    one comes (its greenlet sees a hung-up client and ends)."""
+
+    def __init__(self, handle: Callable[[gevent.socket.socket, object], None]) -> None:
+        self.handle = handle
+        self.open: dict[gevent.socket.socket, None] = {}  # insertion order: oldest first
+
+    def __call__(self, sock: gevent.socket.socket, addr: object) -> None:
+        self.open[sock] = None
+        if len(self.open) > MAX_CONNECTIONS:
+            oldest = next(iter(self.open))
+            del self.open[oldest]
+            oldest.close()
+        try:
+            self.handle(sock, addr)
+        finally:
+            self.open.pop(sock, None)
 
 
 class _BadRequest(Exception):
@@ -115,8 +156,8 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _handle(worker: Worker, metrics: Metrics, sock: gevent.socket.socket,
-            addr: object) -> None:
+def _handle(worker: Worker, metrics: Metrics, answering: gevent.lock.BoundedSemaphore,
+            sock: gevent.socket.socket, addr: object) -> None:
     """One connection: read one request, answer it, close."""
     try:
         method, headers = "GET", {}
@@ -127,7 +168,8 @@ def _handle(worker: Worker, metrics: Metrics, sock: gevent.socket.socket,
             if head is None:  # timed out or hung up before a whole head arrived
                 return
             method, target, headers = _parse_head(head)
-            status, ctype, body, extra = respond(worker, metrics, method, target, headers)
+            with answering:
+                status, ctype, body, extra = respond(worker, metrics, method, target, headers)
         except _BadRequest as exc:
             status, ctype, body, extra = exc.status, _TEXT, (str(exc) + "\n").encode(), {}
         out = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown")),
@@ -206,10 +248,12 @@ def respond(worker: Worker, metrics: Metrics, method: str, target: str,
             headers: dict[str, str]) -> tuple[int, str, bytes, dict[str, str]]:
     """(status, content type, body, extra headers) of one request."""
     path = urlsplit(target).path or "/"
-    if path not in ("/metrics", "/health", "/ready"):
-        return 404, _TEXT, b"not found: try /metrics, /health or /ready\n", {}
+    if path not in ("/metrics", "/health", "/ready") + statuspage.PATHS:
+        return 404, _TEXT, b"not found: try /, /metrics, /health or /ready\n", {}
     if method not in ("GET", "HEAD"):
         return 405, _TEXT, b"method not allowed\n", {"Allow": "GET, HEAD"}
+    if path in statuspage.PATHS:
+        return statuspage.respond(worker, path)
     if path == "/metrics":
         try:
             body, ctype = metrics.render(headers.get("accept", ""))
@@ -314,6 +358,48 @@ _POOL_COUNTERS = (
     ("server_parses", "server_parse_count", 1, "Parse messages sent to servers"),
     ("binds", "bind_count", 1, "Bind messages from clients"),
 )
+
+
+#: SHOW POOLS column -> the exporter's pgbouncer_pools_<name> (a gauge per pool).
+_EXPORTER_POOLS = (
+    ("cl_active", "client_active_connections",
+     "Client connections linked to server connection and able to process queries"),
+    ("cl_active_cancel_req", "client_active_cancel_connections",
+     "Client connections that have forwarded query cancellations to the server"),
+    ("cl_waiting", "client_waiting_connections", "Client connections waiting on a server"),
+    ("cl_waiting_cancel_req", "client_waiting_cancel_connections",
+     "Client connections that have not forwarded query cancellations to the server yet"),
+    ("sv_active", "server_active_connections", "Server connections linked to a client"),
+    ("sv_active_cancel", "server_active_cancel_connections",
+     "Server connections that are currently forwarding a cancel request"),
+    ("sv_being_canceled", "server_being_canceled_connections",
+     "Servers waiting until the cancel requests sent for them have completed"),
+    ("sv_idle", "server_idle_connections", "Server connections idle and ready for a client"),
+    ("sv_used", "server_used_connections",
+     "Server connections idle more than server_check_delay, needing server_check_query"),
+    ("sv_tested", "server_testing_connections",
+     "Server connections running either server_reset_query or server_check_query"),
+    ("sv_login", "server_login_connections", "Server connections logging in"),
+)
+#: SHOW STATS column (pgherd's STAT_FIELDS name) -> pgbouncer_stats_<name>, divisor.
+_EXPORTER_STATS = (
+    ("query_count", "queries_pooled_total", 1, "Total number of SQL queries pooled"),
+    ("query_time", "queries_duration_seconds_total", 1e6,
+     "Total number of seconds spent when actively connected to PostgreSQL, executing queries"),
+    ("recv_bytes", "received_bytes_total", 1, "Total bytes of network traffic received"),
+    ("sent_bytes", "sent_bytes_total", 1, "Total bytes of network traffic sent"),
+    ("wait_time", "client_wait_seconds_total", 1e6,
+     "Time spent by clients waiting for a server in seconds"),
+    ("xact_count", "sql_transactions_pooled_total", 1, "Total number of SQL transactions pooled"),
+    ("xact_time", "server_in_transaction_seconds_total", 1e6,
+     "Total number of seconds spent connected to PostgreSQL in a transaction"),
+)
+#: SHOW LISTS row -> pgbouncer_<name>.
+_EXPORTER_LISTS = (("databases", "databases"), ("users", "users"), ("pools", "pools"),
+                   ("free_clients", "free_clients"), ("used_clients", "used_clients"),
+                   ("login_clients", "login_clients"), ("free_servers", "free_servers"),
+                   ("used_servers", "used_servers"), ("dns_names", "cached_dns_names"),
+                   ("dns_zones", "cached_dns_zones"), ("dns_queries", "in_flight_dns_queries"))
 
 
 class Metrics:
@@ -462,6 +548,104 @@ class Metrics:
                                   "configuration was invalid", value=seg.reload_failures)
         yield GaugeMetricFamily(p + "paused", "1 while the pooler is paused (PAUSE)",
                                 value=paused)
+        yield from self.exporter(pools, now_ns)
+
+    def exporter(self, pools: list[shm.RowSnapshot], now_ns: int) -> Iterator[Metric]:
+        """The community PgBouncer exporter's metrics, as it would scrape pgherd's console."""
+        worker = self.worker
+        settings = worker.settings
+        p = "pgbouncer_"
+        yield GaugeMetricFamily(p + "up", "The pgbouncer scrape succeeded", value=1)
+        info = GaugeMetricFamily(p + "version_info", "The pgbouncer version info",
+                                 labels=["version"])
+        info.add_metric(["PgBouncer %s (pgherd %s)" % (COMPAT, VERSION)], 1)  # SHOW VERSION
+        yield info
+
+        labels = ["database", "user"]
+        gauges = [(column, GaugeMetricFamily(p + "pools_" + name, text, labels=labels))
+                  for column, name, text in _EXPORTER_POOLS]
+        maxwait = GaugeMetricFamily(p + "pools_client_maxwait_seconds",
+                                    "Age of oldest unserved client connection, in seconds",
+                                    labels=labels)
+        per_db: dict[str, list[int]] = {}
+        for r in pools:
+            names = list(r.names[:2])
+            for column, family in gauges:
+                family.add_metric(names, r.totals.get(column, 0))  # cancel lists: none
+            maxwait.add_metric(names, r.wait_ns(now_ns) // 1_000_000_000)  # SHOW POOLS maxwait
+            acc = per_db.setdefault(r.names[0], [0] * len(_EXPORTER_STATS))
+            for i, (field, *_) in enumerate(_EXPORTER_STATS):
+                acc[i] += r.totals[field]
+        yield from (family for _, family in gauges)
+        yield maxwait
+        for i, (_, name, div, text) in enumerate(_EXPORTER_STATS):
+            family = CounterMetricFamily(p + "stats_" + name, text, labels=["database"])
+            for db, acc in sorted(per_db.items()):
+                family.add_metric([db], acc[i] / div)
+            yield family
+
+        yield from self._exporter_databases(database_names(worker))
+        lists = {"databases": len(database_names(worker)), "users": len(user_names(worker)),
+                 "pools": 1 + len(pools), "free_clients": 0, "free_servers": 0,
+                 "used_clients": sum(r.totals["clients"] for r in pools),
+                 "login_clients": sum(s.logins for s in worker.segment.read_all() if s.pid),
+                 "used_servers": sum(r.totals["servers"] for r in pools),
+                 "dns_names": 0, "dns_zones": 0, "dns_queries": 0}
+        for row, name in _EXPORTER_LISTS:
+            yield GaugeMetricFamily(p + name, "Count of " + row.replace("_", " "),
+                                    value=lists[row])
+        yield GaugeMetricFamily(p + "config_max_client_connections",
+                                "Config maximum number of client connections",
+                                value=settings.max_client_conn)
+        yield GaugeMetricFamily(p + "config_max_user_connections",
+                                "Config maximum number of server connections per user",
+                                value=settings.max_user_connections)
+
+        columns = [name for name, _ in SOCKET_COLS]
+        pick = [columns.index(c) for c in ("user", "database", "state", "addr", "port",
+                                           "close_needed")]
+        counts: dict[tuple, int] = {}
+        for row in worker.exchange.gather("SERVERS"):
+            user, db, state, addr, port, close_needed = (row[i] for i in pick)
+            key = (user, db, state, "%s_%d" % (addr, port), "true" if close_needed else "false")
+            counts[key] = counts.get(key, 0) + 1
+        servers = GaugeMetricFamily(p + "server_connections",
+                                    "Server connections with state information",
+                                    labels=["user", "database", "state", "addr",
+                                            "close_needed"])
+        for key, n in sorted(counts.items()):
+            servers.add_metric(list(key), n)
+        yield servers
+
+    def _exporter_databases(self, names: list[str]) -> Iterator[Metric]:
+        """pgbouncer_databases_* per configured database, as SHOW DATABASES has them."""
+        worker = self.worker
+        s = worker.settings
+        labels = ["name", "host", "port", "database", "force_user", "pool_mode"]
+        text = {"pool_size": "Maximum number of server connections",
+                "max_connections": "Maximum number of allowed connections for this database",
+                "current_connections": "Current number of connections for this database",
+                "paused": "1 if this database is currently paused, else 0",
+                "disabled": "1 if this database is currently disabled, else 0"}
+        families = {k: GaugeMetricFamily("pgbouncer_databases_" + k, v, labels=labels)
+                    for k, v in text.items()}
+        current = {r.names[0]: r.totals["servers"] for r in worker.segment.snapshot_rows()
+                   if r.kind == shm.DATABASE}
+        for name in names:
+            db = None if name == ADMIN_DB else worker.database(name)
+            if db is None:
+                continue  # the admin console's entry: it pools nothing
+            values = {
+                "pool_size": s.default_pool_size if db.pool_size is None else db.pool_size,
+                "max_connections": db.max_db_connections or s.max_db_connections,
+                "current_connections": current.get(name, 0),
+                "paused": int(worker.is_paused(name)),
+                "disabled": int(worker.is_disabled(name))}
+            label_values = [name, ",".join(db.host), str(db.port), db.dbname or name,
+                            db.user or "", db.pool_mode or ""]
+            for key, family in families.items():
+                family.add_metric(label_values, values[key])
+        yield from families.values()
 
     def _usage(self, pid: int) -> tuple[int, float, int] | None:
         """(rss, cpu seconds, open fds) of a worker; Process objects are cached per pid."""

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.socket import getaddrinfo, wait_read, wait_write
 
+from prefork import log as plog
+
 from . import auth, proto, startup
 from .proto import MessageReader, ProtocolError
 from .relay import SESSION, Client, Server
@@ -53,13 +55,22 @@ class Refused(Exception):
         self.log_text = log_text or text
 
 
-class LoginFailed(Exception):
-    """A server login failed; ``fields`` are the ErrorResponse to pass on to clients."""
+#: Server login errors that pass by themselves (PostgreSQL restarting, shutting down, full).
+TRANSIENT_SQLSTATES = frozenset(("57P01", "57P02", "57P03", "53300", "53400"))
 
-    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+
+class LoginFailed(Exception):
+    """A server login failed; ``fields`` are the ErrorResponse to pass on to clients.
+    ``transient``: the server could not be reached or is restarting, rather than refusing
+    this login (the pool retries sooner, see ``pool.TRANSIENT_LOGIN_RETRY``)."""
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None,
+                 transient: bool | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields or {"S": "FATAL", "C": "08P01", "M": message}
+        self.transient = (transient if transient is not None
+                          else self.fields.get("C", "") in TRANSIENT_SQLSTATES)
 
 
 # --------------------------------------------------------------------------- cooperative I/O
@@ -125,7 +136,7 @@ class Login:
     """
 
     __slots__ = ("worker", "sock", "peer", "cid", "deadline", "reader", "watcher", "params",
-                 "admitted", "user", "dbname")
+                 "admitted", "user", "dbname", "negotiate", "greenlet")
 
     def __init__(self, worker: Worker, sock: socket.socket, peer: tuple[str, int],
                  cid: int) -> None:
@@ -138,16 +149,14 @@ class Login:
         self.watcher = None
         self.params: dict[str, str] | None = None
         self.admitted = False  # holds one of the service's max_client_conn places
-        self.user = self.dbname = "?"
+        self.user = self.dbname = ""  # not known yet: "(nouser)", "(nodb)" in the log
+        self.negotiate = b""  # a NegotiateProtocolVersion owed to the client
+        self.greenlet: gevent.Greenlet | None = None
         worker.logins += 1
 
     @property
     def label(self) -> str:
-        return "C-%d" % self.cid
-
-    @property
-    def addr(self) -> str:
-        return "%s:%d" % self.peer
+        return plog.socket_prefix("C", self.cid, self.dbname, self.user, *self.peer)
 
     def start(self) -> None:
         """From the accept callback: read what is there, wait for more on a watcher."""
@@ -177,7 +186,7 @@ class Login:
             done = step(can_wait)
         except _Wait:
             self._stop_watching()
-            gevent.spawn(self._guarded, self._step, True)
+            self.greenlet = gevent.spawn(self._guarded, self._step, True)
             return
         except Refused as exc:
             self._refuse(exc)
@@ -188,8 +197,7 @@ class Login:
         except ClientGone as exc:
             self._close()
             if self.worker.settings.log_disconnections:
-                log.info("%s: %s/%s@%s closing because: %s", self.label, self.dbname,
-                         self.user, self.addr,
+                log.info("%s closing because: %s (age=0s)", self.label,
                          "client close request" if exc.args == ("close request",)
                          else "client unexpected eof")
         except Exception:  # a bug costs this login, never the worker or the admission count
@@ -219,9 +227,14 @@ class Login:
             if mtype == proto.F_TERMINATE:
                 raise ClientGone("close request")
             code, params = proto.parse_startup(body)
-            if code == proto.PROTOCOL_V3:
+            if code >> 16 == 3:
                 if reader.buf:
                     raise ProtocolError("data after startup packet")
+                # As PostgreSQL and PgBouncer 1.25: a newer minor or protocol options we do
+                # not know get NegotiateProtocolVersion (3.0, the options), not a refusal.
+                unknown = [k for k in params if k.startswith("_pq_.")]
+                if code != proto.PROTOCOL_V3 or unknown:
+                    self.negotiate = proto.negotiate_protocol_version(unknown)
                 return params
             if code in (proto.SSL_REQUEST_CODE, proto.GSSENC_REQUEST_CODE):
                 if reader.buf:
@@ -252,14 +265,17 @@ class Login:
             from .admin import admin_login
 
             self._log_attempt()
+            self._negotiate()
             admin_login(worker, sock, self.reader, self.deadline, user, dbname, self.cid,
-                        self.addr)
+                        self.peer, params)
             return
         if not self.admitted:
-            self.admitted = _admit(worker, can_wait)
+            self.admitted = _admit(worker, can_wait) or self._evict_unauthenticated()
             if not self.admitted:
                 raise Refused("no more connections allowed (max_client_conn)")
+            worker.unauthenticated[self] = _monotonic()
             self._log_attempt()
+        self._negotiate()
         if worker.draining:
             raise Refused("pooler is shutting down")
         db = worker.database(dbname)
@@ -276,19 +292,23 @@ class Login:
                              or (db.name, pool_user) not in worker.pools):
             raise _Wait()  # a password exchange, or a new pool's shared rows
         keys, auth_ok = authenticate(worker, sock, self.reader, self.deadline, user, db)
+        worker.unauthenticated.pop(self, None)
         pool = worker.pool_for(db, pool_user)
         if keys is not None and pool.scram_keys is None:
             pool.scram_keys = keys
         session = pool.mode == SESSION
-        if session:
-            cached = pool.cached_login_error()
-            if cached is not None:
-                fields = pool.login_error or {}
-                raise Refused(fields.get("M", cached), fields.get("C", "08P01"), log_text=cached)
-        elif pool.welcome is None:
+        if not session and pool.welcome is None:
             if not can_wait:
                 raise _Wait()
             _wait_welcome(pool, self.deadline)
+        else:
+            failing = pool.fast_fail()
+            if failing is not None and session:  # as PostgreSQL refused the client's login
+                fields = pool.login_error or {}
+                raise Refused(fields.get("M", failing), fields.get("C", "08P01"),
+                              log_text=failing)
+            if failing is not None:
+                raise Refused(failing)
         tracked = None if session else startup.known(pool, asked)
         client = Client(worker, sock, pool, {**pool.welcome_tracked, **(tracked or asked.tracked)},
                         user, dbname, self.cid, self.peer, self.watcher)
@@ -318,12 +338,35 @@ class Login:
         client.start()
         client.write(b"".join(out))  # a fresh socket takes it; else the backlog does
 
+    def _evict_unauthenticated(self) -> bool:
+        """max_client_conn is reached: take the place of this worker's oldest login still
+        in authentication, if any. A flood of logins that never finish (a SCRAM exchange
+        left hanging) then cannot keep legitimate clients out until client_login_timeout."""
+        waiting = self.worker.unauthenticated
+        for victim, since in waiting.items():
+            if victim.greenlet is not None:
+                del waiting[victim]
+                victim.admitted = False  # its place is ours now
+                victim.greenlet.kill(Refused("no more connections allowed (max_client_conn)"),
+                                     block=False)
+                log.info("%s: still authenticating after %.1fs: evicted for a new login",
+                         victim.label, _monotonic() - since)
+                return True
+        return False
+
+    def _negotiate(self) -> None:
+        """Send the NegotiateProtocolVersion owed, once: where PgBouncer does, after the
+        max_client_conn check and before authentication."""
+        if self.negotiate:
+            send_all(self.sock, self.negotiate, self.deadline)
+            self.negotiate = b""
+
     # -- endings -------------------------------------------------------------------------
 
     def _log_attempt(self) -> None:
         if self.worker.settings.log_connections:
-            log.info("%s: %s/%s@%s login attempt: db=%s user=%s tls=no", self.label,
-                     self.dbname, self.user, self.addr, self.dbname, self.user)
+            log.info("%s login attempt: db=%s user=%s tls=no replication=no", self.label,
+                     self.dbname, self.user)
 
     def _stop_watching(self, close: bool = True) -> None:
         self.worker.handshakes.pop(self, None)
@@ -336,7 +379,7 @@ class Login:
 
     def _refuse(self, exc: Refused) -> None:
         self._stop_watching()
-        _refuse(self.worker, self.sock, exc, self.label, self.dbname, self.user)
+        _refuse(self.worker, self.sock, exc, self.label)
 
     def _close(self) -> None:
         self.sock.close()
@@ -345,6 +388,7 @@ class Login:
         self._stop_watching()
         if self.worker is None:
             return  # already over
+        self.worker.unauthenticated.pop(self, None)
         self.worker.logins -= 1
         if self.admitted:
             self.worker.limits.client_closed()
@@ -370,15 +414,18 @@ def _admit(worker: Worker, can_wait: bool) -> bool:
         gevent.sleep(0.0002)
 
 
-def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str, dbname: str,
-            user: str) -> None:
+def _refuse(worker: Worker, sock: socket.socket, exc: Refused, label: str) -> None:
+    """Send PgBouncer's error and close; logged as PgBouncer logs a failed login, with the
+    client's address (``label``)."""
     try:
         sock.send(proto.error_response(exc.text, exc.sqlstate))
     except OSError:
         pass
     sock.close()
+    if worker.settings.log_disconnections:
+        log.info("%s closing because: %s (age=0s)", label, exc.text)
     if worker.settings.log_pooler_errors:
-        log.warning("%s: %s/%s pooler error: %s", label, dbname, user, exc.log_text)
+        log.warning("%s pooler error: %s", label, exc.log_text)
 
 
 def _wait_welcome(pool: Pool, deadline: float) -> None:
@@ -389,10 +436,12 @@ def _wait_welcome(pool: Pool, deadline: float) -> None:
         if shared is not None:
             pool.set_welcome(shared)
             break
-        cached = pool.cached_login_error()
-        if cached is not None and pool.login_error is not None:
+        # The server refused the login itself: its error is the client's too. Through a
+        # passing failure (a restart) the client waits for the retry, up to its timeout.
+        failing = pool.fast_fail()
+        if failing is not None and not pool.login_transient:
             fields = pool.login_error
-            raise Refused(fields.get("M", cached), fields.get("C", "08P01"), log_text=cached)
+            raise Refused(fields.get("M", failing), fields.get("C", "08P01"), log_text=failing)
         event = pool.welcome_ready
         pool.grow()
         remaining = deadline - _monotonic()
@@ -417,23 +466,24 @@ def authenticate(worker: Worker, sock: socket.socket, reader: MessageReader, dea
     method = s.auth_type
     stored = worker.config.userlist.get(user)
     reader.startup = False
+    reader.max_size = proto.MAX_LOGIN_MESSAGE
     if method == "any":
         if not db.user:
             raise Refused("bouncer config error", log_text="auth_type=any requires a forced user")
     elif method == "trust":
         if stored is None:
-            raise Refused('"trust" authentication failed', "28P01")
+            raise Refused('"trust" authentication failed')
     elif method == "plain":
         send_all(sock, proto.auth_request(proto.AUTH_CLEARTEXT), deadline)
         password = _password(sock, reader, deadline)
         if stored is None or not auth.plain_verify(stored, user, password.rstrip(b"\x00")):
-            raise Refused("password authentication failed", "28P01")
+            raise Refused("password authentication failed")
     elif method == "md5" and not (stored and auth.parse_scram_secret(stored)):
         salt = secrets.token_bytes(4)
         send_all(sock, proto.auth_request(proto.AUTH_MD5, salt), deadline)
         response = _password(sock, reader, deadline).rstrip(b"\x00")
         if stored is None or not auth.md5_verify(stored, user, salt, response):
-            raise Refused("password authentication failed", "28P01")
+            raise Refused("password authentication failed")
     else:  # scram-sha-256, or md5 with a SCRAM secret stored
         return _scram(worker, sock, reader, deadline, user, stored)
     return None, AUTH_OK
@@ -463,7 +513,7 @@ def _scram(worker: Worker, sock: socket.socket, reader: MessageReader, deadline:
         final = _password(sock, reader, deadline)
         server_final = server.handle_client_final(final)
     except (auth.AuthFailed, ValueError) as exc:
-        raise Refused("SASL authentication failed", "28P01",
+        raise Refused("SASL authentication failed",
                       log_text="SASL authentication failed: %s" % exc) from None
     done = proto.auth_request(proto.AUTH_SASL_FINAL, server_final) + AUTH_OK
     if server.client_key is not None and server.server_key is not None:
@@ -516,25 +566,26 @@ def open_server(pool: Pool, key: tuple = ()) -> Server:
     try:
         sock = connect(target, deadline)
     except LoginTimeout:
-        raise LoginFailed("connect timeout") from None
+        raise LoginFailed("connect timeout", transient=True) from None
     except OSError as exc:
-        raise LoginFailed("connect failed: %s" % exc.strerror) from None
+        raise LoginFailed("connect failed: %s" % exc.strerror, transient=True) from None
     try:
         params, pid, secret = _server_startup(pool, sock, deadline, key)
     except LoginTimeout:
         sock.close()
-        raise LoginFailed("connect timeout") from None
+        raise LoginFailed("connect timeout", transient=True) from None
     except (ClientGone, ProtocolError) as exc:
         sock.close()
-        raise LoginFailed("server closed the connection during login: %s" % exc) from None
-    except LoginFailed:
+        raise LoginFailed("server closed the connection during login: %s" % exc,
+                          transient=True) from None
+    except BaseException:
         sock.close()
         raise
     server = Server(worker, sock, pool, params, pid, secret, target)
     server.startup = key
     if worker.settings.log_connections:
-        log.info("S-%d: %s/%s@%s:%d new connection to server", server.id, pool.dbname,
-                 pool.user, server.addr, server.port)
+        local = server.local()
+        log.info("%s new connection to server (from %s:%d)", server.label(), *local)
     return server
 
 
@@ -627,7 +678,7 @@ def forward_cancel(worker: Worker, server: Server,
     try:
         sock = connect(server.target, deadline)
     except (OSError, LoginTimeout) as exc:
-        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        log.warning("%s cancel request failed: %s", server.label(), exc)
         _cancel_over(server, request)
         return
     try:
@@ -635,7 +686,7 @@ def forward_cancel(worker: Worker, server: Server,
         # The server closes the connection when it has processed the request.
         wait_read(sock.fileno(), timeout=max(deadline - _monotonic(), 0.001))
     except Exception as exc:  # a failed cancel is logged, never fatal
-        log.warning("S-%d: cancel request failed: %s", server.id, exc)
+        log.warning("%s cancel request failed: %s", server.label(), exc)
     finally:
         sock.close()
         _cancel_over(server, request)

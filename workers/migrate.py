@@ -4,8 +4,9 @@ When the worker count shrinks on reload, or a worker is recycled (``max_worker_m
 the master sends it DRAIN. It stops accepting, then hands every client over to a live worker
 at a transaction boundary — its socket with SCM_RIGHTS, its state in a
 :class:`~ipc.channel.ClientHandoff` (tracked parameters, cancel key); in session mode its
-server travels with it — and hands its idle servers over too. When nothing is left it exits
-and the master reaps it like any other worker. The client notices nothing.
+server travels with it — and hands its idle servers over too. When nothing is left it
+publishes its last stats and exits, and the master reaps it like any other worker, keeping
+those stats in the rows' ghost counters. The client notices nothing.
 
 A moved client keeps its cancel key: a CancelRequest for it that lands on the old worker is
 forwarded to where the client went (:meth:`Drain.forward_cancel`); once that worker is gone,
@@ -59,6 +60,9 @@ class Drain:
                 if target is None or not worker.exchange.hand_over(server, target):
                     server.close("worker drained")
         log.info("worker %d drained: %d clients moved", worker.slot, len(self.moved))
+        # The service lives on and counts what this worker did: its last stats must reach
+        # shared memory, where the master keeps them (ghost counters) once it has exited.
+        worker.publish()
         worker.exit_now()
 
     def target(self) -> int | None:
@@ -83,7 +87,7 @@ class Drain:
         if server is None:
             return True
         # Session mode: the client keeps its server; both go once the server is idle.
-        return client.mode == SESSION and server.clean_for_release() and server.out is None
+        return client.mode == SESSION and server.clean_for_release(client) and server.out is None
 
     def move(self, client: Client) -> bool:
         target = self.target()
@@ -120,18 +124,16 @@ class Drain:
 
 def receive_client(worker: Worker, m: channel.ClientHandoff, fds: list[int]) -> None:
     """Take over a client (and its session server) that a draining worker sent."""
-    sock = socket.socket(fileno=fds[0])
+    sock = socket.socket(fileno=fds.pop(0))
     sock.setblocking(False)
-    server = worker.exchange.receive_server(m.server, fds[1]) if m.server else None
+    server = worker.exchange.receive_server(m.server, fds.pop(0)) if m.server else None
     db = worker.database(m.db)
-    if db is None:
+    rows = server.pool.rows if server else worker.limits.find_rows(m.db, m.user)
+    if db is None or rows is None:  # rows: the sender's pool made them, unless corrupt
         sock.close()
         if server is not None:
             server.close("database removed")
         return
-    rows = server.pool.rows if server else worker.limits.find_rows(m.db, m.user)
-    if rows is None:  # the sender's pool made them; only a corrupt segment lacks them
-        raise RuntimeError("client of an unknown pool %s/%s" % (m.db, m.user))
     pool = worker.pool_for(db, m.user, rows)
     client = Client(worker, sock, pool, dict(m.params), m.user, m.dbname, worker.next_id(),
                     (m.addr, m.port))

@@ -43,6 +43,10 @@ IDLE_OFFER_AFTER = 0.002
 #: After a limit refused a new server, requests queue without asking again for this long:
 #: under saturation every queued request would otherwise take the admission lock.
 FULL_BACKOFF = 0.001
+#: After a server login failed for a passing reason (connection refused, PostgreSQL starting
+#: or shutting down: a restart), the next attempt comes this soon — server_login_retry, meant
+#: to spare a server that refuses the login itself, would keep a restarted one unused.
+TRANSIENT_LOGIN_RETRY = 0.5
 WELCOMES_KEPT = 64
 
 
@@ -100,8 +104,9 @@ class Pool:
         self.welcome_tracked: dict[str, str] = {}  # tracked defaults, overridable per client
         self._welcomes: dict[tuple, bytes] = {}  # see welcome_for
         self.welcome_ready = gevent.event.Event()
-        self.login_error: dict[str, str] | None = None
-        self.login_failed_at = 0.0
+        self.login_error: dict[str, str] | None = None  # the last failed login, until one works
+        self.login_transient = False  # ... and whether it failed for a passing reason
+        self.retry_at = 0.0  # no new server login before then (server_login_retry)
         self.stats = PoolStats()
         self._grow_pending = False
         self.full_until = 0.0  # a limit refused a new server until then: do not ask again
@@ -149,6 +154,10 @@ class Pool:
         server = None if self.worker.is_paused(self.dbname) else self._take_idle(client)
         if server is not None:
             return server if self._link(client, server) else None
+        failing = self.fast_fail()
+        if failing is not None:
+            client.disconnect(failing, error=failing)
+            return None
         client.state = "waiting"
         client.wait_started = _monotonic()
         self.waiting.append(client)
@@ -216,7 +225,7 @@ class Pool:
         if sql is None:
             return True
         if self.worker.settings.verbose:
-            log.debug("S-%d: applying %s", server.id, sql)
+            log.debug("%s applying %s", server.label(), sql)
         server.run_internal(sql, self._aligned)
         return False
 
@@ -402,7 +411,7 @@ class Pool:
         """Open server connections for waiting clients, as far as the limits allow."""
         if self.worker.is_paused(self.dbname):
             return
-        if self.login_failed_at and _monotonic() - self.login_failed_at < self.worker.settings.server_login_retry:
+        if self.login_error is not None and _monotonic() < self.retry_at:
             return
         keys = self._keys_to_open()
         want = len(keys)
@@ -485,33 +494,41 @@ class Pool:
         self.worker.exchange.want(self, shared or "")
 
     def _connect(self, key: tuple) -> None:
-        """Greenlet: open a server; in session mode with the startup parameters ``key``."""
+        """Greenlet: log a new server in (in session mode with the startup parameters
+        ``key``) and put it to work. Whatever goes wrong costs this attempt (and the server,
+        if it got that far), never the admission count."""
         from .login import LoginFailed, open_server  # login imports pool's neighbours
 
         try:
             server = open_server(self, key)
-        except LoginFailed as exc:
+        except Exception as exc:
+            if not isinstance(exc, LoginFailed):
+                log.error("%s/%s server login: internal error", self.dbname, self.user,
+                          exc_info=exc)
+                exc = LoginFailed("internal error")
             self._connected(key)
             self.worker.limits.server_closed(self.rows)
             self._login_failed(exc, key)
             return
         self._connected(key)
         self.login_error = None
-        self.login_failed_at = 0.0
         self.servers.add(server)
-        if self.welcome is None and not key:  # the database's own defaults, for every client
-            self.set_welcome(dict(server.params))
-            self.welcome_ready.set()
-            self.worker.limits.publish_welcome(self, self.welcome)
-        server.start()
-        if self.db.connect_query:
-            server.run_internal(self.db.connect_query, self._connect_query_done)
-        else:
-            self.give(server)
+        try:
+            if self.welcome is None and not key:  # the database's own defaults, for all
+                self.set_welcome(dict(server.params))
+                self.welcome_ready.set()
+                self.worker.limits.publish_welcome(self, self.welcome)
+            server.start()
+            if self.db.connect_query:
+                server.run_internal(self.db.connect_query, self._connect_query_done)
+            else:
+                self.give(server)
+        except Exception as exc:
+            server.fail(exc)
 
     def _connect_query_done(self, server: Server, error: dict[str, str] | None) -> None:
         if error is not None:
-            log.warning("S-%d: connect_query failed: %s", server.id, error.get("M", ""))
+            log.warning("%s connect_query failed: %s", server.label(), error.get("M", ""))
         self.give(server)
 
     def _connected(self, key: tuple) -> None:
@@ -534,11 +551,33 @@ class Pool:
         if own:
             return
         self.login_error = exc.fields
-        self.login_failed_at = _monotonic()
-        # Clients still in login wait for the welcome: tell them now rather than at their
-        # client_login_timeout. Clients with a queued query keep waiting for a retry.
-        self.welcome_ready.set()
-        self.welcome_ready = gevent.event.Event()
+        self.login_transient = exc.transient
+        retry = self.worker.settings.server_login_retry
+        self.retry_at = _monotonic() + (min(retry, TRANSIENT_LOGIN_RETRY) if exc.transient
+                                        else retry)
+        # Clients still in login wait for the welcome: a refusal of the login itself is
+        # theirs now; through a passing failure they wait for the retry (client_login_timeout).
+        if not exc.transient:
+            self.welcome_ready.set()
+            self.welcome_ready = gevent.event.Event()
+        # Queued requests cannot be served before a login works: fail them now, as new ones
+        # will be, rather than at query_wait_timeout.
+        failing = self.fast_fail(retry_due=False)
+        if failing is not None:
+            for client in list(self.waiting):
+                client.disconnect(failing, error=failing)
+
+    def fast_fail(self, retry_due: bool = True) -> str | None:
+        """PgBouncer's fast-fail text while server logins fail and the pool has no server
+        anywhere; None when a client may wait (or a retry is due: it waits for that one)."""
+        if self.login_error is None or self.connecting:
+            return None
+        if retry_due and _monotonic() >= self.retry_at:
+            return None
+        if self.worker.segment.servers_total(self.rows[0]):
+            return None
+        return "server login has been failing, cached error: %s (server_login_retry)" % (
+            self.login_error.get("M", "unknown error"))
 
     # -------------------------------------------------------------------- bookkeeping
 
@@ -692,9 +731,7 @@ class Pool:
                 reason = "transaction timeout"
             else:
                 continue
-            if running:
-                self.worker.cancel_server(server)
-            server.close(reason)
+            server.close(reason)  # which cancels a running query first
         if ct:
             # Only clients without a server: one linked is in a transaction or a session that
             # the other timeouts govern (as in PgBouncer).
@@ -715,12 +752,3 @@ class Pool:
             clients=len(self.clients),
             **{name: getattr(st, name) for name in PoolStats.__slots__})
         self._refresh_shares()
-
-    def cached_login_error(self) -> str | None:
-        """PgBouncer's fast-fail text while server_login_retry runs after a failed login."""
-        if self.login_error is None or self.servers:
-            return None
-        if _monotonic() - self.login_failed_at >= self.worker.settings.server_login_retry:
-            return None
-        return "server login has been failing, cached error: %s (server_login_retry)" % (
-            self.login_error.get("M", "unknown error"))

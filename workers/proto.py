@@ -22,6 +22,11 @@ GSSENC_REQUEST_CODE = 80877104
 
 # Startup packets are small; PostgreSQL itself refuses anything over 10000 bytes.
 MAX_STARTUP_PACKET = 10000
+# Any other message before authentication (password, SASL): a password is at most 65531
+# bytes in PgBouncer. An unauthenticated client never makes pgherd hold more than this.
+MAX_LOGIN_MESSAGE = 65536
+# A query typed at the admin console.
+MAX_CONSOLE_MESSAGE = 1 << 20
 
 HEADER = struct.Struct("!cI")
 INT32 = struct.Struct("!I")
@@ -70,6 +75,7 @@ OID_INT4 = 23
 OID_INT8 = 20
 OID_NUMERIC = 1700
 OID_TEXT = 25
+OID_BYTEA = 17
 
 
 class ProtocolError(Exception):
@@ -136,8 +142,9 @@ class MessageReader:
 def parse_startup(body: bytes) -> tuple[int, dict[str, str] | tuple[int, int]]:
     """Decode an untyped startup-phase packet body (after the length).
 
-    Returns ``(code, params)`` for a v3 StartupMessage, ``(CANCEL_REQUEST_CODE, (pid, key))``
-    for a CancelRequest, and ``(code, {})`` for SSL/GSSENC requests and unknown versions.
+    Returns ``(code, params)`` for a StartupMessage of protocol 3.x (any minor: the caller
+    answers a minor above 0 with NegotiateProtocolVersion), ``(CANCEL_REQUEST_CODE, (pid,
+    key))`` for a CancelRequest, and ``(code, {})`` for SSL/GSSENC requests and other versions.
     """
     if len(body) < 4:
         raise ProtocolError("startup packet too short")
@@ -147,7 +154,7 @@ def parse_startup(body: bytes) -> tuple[int, dict[str, str] | tuple[int, int]]:
             raise ProtocolError("bad cancel request length")
         pid, key = struct.unpack_from("!II", body, 4)
         return code, (pid, key)
-    if code != PROTOCOL_V3:
+    if code >> 16 != 3:
         return code, {}
     params: dict[str, str] = {}
     parts = body[4:].split(b"\x00")
@@ -226,6 +233,14 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
 def parameter_status(name: str, value: str) -> bytes:
     """Cached: every login replays the same few server parameters."""
     return message(b"S", _cstr(name) + _cstr(value))
+
+
+def negotiate_protocol_version(options: Iterable[str]) -> bytes:
+    """NegotiateProtocolVersion: protocol 3.0 is the newest we speak; ``options`` are the
+    ``_pq_.`` startup options we do not know (PostgreSQL sends the full version code)."""
+    names = list(options)
+    return message(b"v", INT32.pack(PROTOCOL_V3) + INT32.pack(len(names))
+                   + b"".join(_cstr(n) for n in names))
 
 
 def backend_key_data(pid: int, key: int) -> bytes:

@@ -10,6 +10,18 @@ hub and never block; anything that has to wait (logins) runs in a greenlet elsew
 Where a transaction ends: :meth:`Server.on_read` — a ReadyForQuery with status 'I', no reply
 outstanding (``Server.expect``), no extended-protocol message waiting for its Sync and no COPY
 in progress releases the server to its pool (transaction and statement mode).
+
+Where a connection dies: :meth:`Client.fail` / :meth:`Server.fail` turn any error on a
+connection — bad input or a bug — into :meth:`Client.disconnect` / :meth:`Server.close`, which
+never raise: they stop the watchers before the descriptor is closed, give back the client's
+place and the server (clean to its pool, drained, or closed), and touch nothing else. Every
+entry point from the event loop (read and write callbacks, :meth:`Client.resume`) ends there.
+
+A client that leaves mid-request (:meth:`Server.client_left`): a server sent half a message is
+closed without a Terminate that would complete it (shutdown of our side gives the backend EOF
+at once); one with a request under way is cancelled and drained — its replies read and dropped
+up to the ReadyForQuery a Sync of ours asks for — then rolled back if a transaction is open,
+and reused; only a drain that overruns ``cancel_wait_timeout`` closes it.
 """
 
 from __future__ import annotations
@@ -18,6 +30,8 @@ import logging
 import socket
 import time
 from typing import TYPE_CHECKING, Callable
+
+from prefork import log as plog
 
 from . import prepared, proto, startup
 from .proto import BackendScanner, FrontendScanner, MessageReader, ProtocolError
@@ -40,6 +54,8 @@ _INT32 = proto.INT32
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 STATUS_IDLE = 73  # ReadyForQuery 'I'
 PARK_LIMIT = 64 * 1024  # a waiting client's requests kept before it is no longer read
+SYNC = proto.message(b"S")
+COPY_FAIL = proto.message(b"f", b"client disconnected\x00")
 
 
 class Conn:
@@ -103,16 +119,24 @@ class Conn:
             return
         except OSError as exc:
             self.on_io_error(exc)
-        except Exception:  # a bug must cost one connection, never the worker
-            log.exception("internal error while writing")
-            self.on_io_error(None)
+        except Exception as exc:  # a bug must cost one connection, never the worker
+            self.fail(exc)
 
     def stop_io(self) -> None:
-        self.rw.stop()
-        self.rw.close()
-        if self.ww is not None:
-            self.ww.stop()
-            self.ww.close()
+        """Stop and free the watchers: always before the descriptor is closed (libev aborts
+        the whole worker on a watched descriptor that was closed under it)."""
+        for watcher in (self.rw, self.ww):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+
+    def release_socket(self) -> None:
+        """Watchers off, then our descriptor closed; never raises."""
+        self.stop_io()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     # Subclass hooks.
     def pause_peer(self) -> None:
@@ -122,6 +146,9 @@ class Conn:
         raise NotImplementedError
 
     def on_io_error(self, exc: OSError | None) -> None:
+        raise NotImplementedError
+
+    def fail(self, exc: Exception) -> None:
         raise NotImplementedError
 
 
@@ -197,11 +224,22 @@ class Client(Conn):
                 self.disconnect("client unexpected eof")
                 return
             self._relay(n)
-        except ProtocolError as exc:
+        except Exception as exc:
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        """The one place where an error on this client ends it: bad input gets its text,
+        a bug "internal error" and a traceback in the log."""
+        if isinstance(exc, (ProtocolError, prepared.StatementError)):
             self.disconnect(str(exc), error=str(exc))
-        except Exception:
-            log.exception("internal error on client C-%d", self.id)
+        else:
+            log.error("%s internal error", self.label(), exc_info=exc)
             self.disconnect("internal error", error="internal error")
+
+    def forwarded_partial(self) -> bool:
+        """Has its server been sent the start of a message whose rest has not followed?"""
+        fs = self.fs
+        return bool(fs.remaining or (fs.head and not fs.watch_named))
 
     def _relay(self, n: int) -> None:
         if self.ps_mode:
@@ -306,11 +344,7 @@ class Client(Conn):
         self._send_statements(server, data, now)
 
     def _send_statements(self, server: Server, data: bytes, now: float) -> None:
-        try:
-            out = prepared.rewrite(self, server, data)
-        except prepared.StatementError as exc:
-            self.disconnect(str(exc), error=str(exc))
-            return
+        out = prepared.rewrite(self, server, data)
         owed = prepared.pending_injections(server.statements)
         if owed:
             self.write(owed)  # a Close answered here, with nothing of the server's before it
@@ -325,7 +359,16 @@ class Client(Conn):
             server.forward(out, fs.syncs - syncs, now)
 
     def resume(self) -> None:
-        """A server is linked and ready: forward the parked request and read on."""
+        """A server is linked and ready: forward the parked request and read on.
+
+        Called from whatever linked the server (a release, a hand-over, a login): an error in
+        this client's request costs this client, never the caller."""
+        try:
+            self._resume()
+        except Exception as exc:
+            self.fail(exc)
+
+    def _resume(self) -> None:
         server = self.server
         if server is None or self.closed:
             return
@@ -340,7 +383,7 @@ class Client(Conn):
             self._send_statements(server, data, now)
         elif data:
             server.forward(data, self.pending_syncs, now)
-        elif self.mode != SESSION and server.clean_for_release():
+        elif self.mode != SESSION and server.clean_for_release(self):
             self.pool.release(server, now)  # linked only to be greeted (startup.greet)
         if not self.closed and server.out is None:
             self.rw.start(self.on_read)
@@ -371,7 +414,8 @@ class Client(Conn):
 
     def disconnect(self, reason: str, error: str | None = None, clean: bool = False,
                    sqlstate: str = "08P01") -> None:
-        """Close this client; its server is released if clean, closed otherwise."""
+        """Close this client; its server goes back clean, drained or closed
+        (:meth:`Server.client_left`). Never raises: every step runs whatever the others do."""
         if self.closed:
             return
         self.closed = True
@@ -379,15 +423,12 @@ class Client(Conn):
             self.send_error(error, sqlstate)
             if self.worker.settings.log_pooler_errors:
                 log.warning("%s pooler error: %s", self.label(), error)
-        self.stop_io()
-        self.sock.close()
-        server = self.server
+        self.release_socket()
+        server, self.server = self.server, None
         if server is not None:
+            server.client = None
             server.release_on_drain = False
-            if server.clean_for_release():
-                self.pool.release(server, _monotonic())
-            else:
-                server.close("client disconnect while server was not ready")
+            server.client_left(self)
         self.pool.client_gone(self)
         self.worker.client_gone(self)
         self.state = "closed"
@@ -399,14 +440,13 @@ class Client(Conn):
         """Forget this client without closing it: another worker serves it now."""
         self.closed = True
         self.state = "moved"
-        self.stop_io()
-        self.sock.close()  # our descriptor only: the connection travels in the message
+        self.release_socket()  # our descriptor only: the connection travels in the message
         self.pool.client_gone(self)
         self.worker.clients.pop(self.id, None)
         self.worker.cancel_keys.pop(self.cancel_key, None)
 
     def label(self) -> str:
-        return "C-%d: %s/%s@%s:%d" % (self.id, self.dbname, self.user, self.addr, self.port)
+        return plog.socket_prefix("C", self.id, self.dbname, self.user, self.addr, self.port)
 
 
 # ------------------------------------------------------------------------------------ server
@@ -419,7 +459,7 @@ class Server(Conn):
                  "statements", "state", "cancels", "extra", "startup",
                  "expect", "release_on_drain", "close_needed", "last_used", "link_time",
                  "query_start", "xact_start", "internal", "reader", "internal_error",
-                 "target", "born")
+                 "target", "born", "draining")
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
                  params: dict[str, str], backend_pid: int, backend_key: int,
@@ -450,6 +490,7 @@ class Server(Conn):
         self.internal: Callable[[Server, dict[str, str] | None], None] | None = None
         self.reader: MessageReader | None = None
         self.internal_error: dict[str, str] | None = None
+        self.draining = False  # reading out what a vanished client asked for (client_left)
 
     def start(self) -> None:
         # An idle server is watched too: that is how a backend's death or an admin's
@@ -472,21 +513,30 @@ class Server(Conn):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.close("server conn crashed? (%s)" % exc.strerror, client_error="server conn crashed?")
+            self.close("server conn crashed? (%s)" % exc.strerror,
+                       client_error="server conn crashed?", crashed=True)
             return
         try:
             if n == 0:
-                self.close("server conn crashed?", client_error="server conn crashed?")
+                self.close("server conn crashed?", client_error="server conn crashed?",
+                           crashed=True)
             elif self.internal is not None:
                 self._internal_read(n)
-            elif self.client is None:
-                self._unexpected(n)
-            else:
+            elif self.client is not None:
                 self._relay(n)
-        except ProtocolError as exc:
+            elif self.draining:
+                self._drain_read(n)
+            else:
+                self._unexpected(n)
+        except Exception as exc:
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        """The one place where an error on this server ends it (and its client with it)."""
+        if isinstance(exc, ProtocolError):
             self.close("bad packet from server: %s" % exc, client_error="server conn crashed?")
-        except Exception:
-            log.exception("internal error on server S-%d", self.id)
+        else:
+            log.error("%s internal error", self.label(), exc_info=exc)
             self.close("internal error", client_error="server conn crashed?")
 
     def _relay(self, n: int) -> None:
@@ -519,14 +569,14 @@ class Server(Conn):
             client.write(data)
             return
         idle = bs.rfq_idle - rfq_idle
-        if client.mode == STATEMENT and idle != z:
-            client.disconnect("transaction blocks not allowed in statement pooling mode",
-                              error="transaction blocks not allowed in statement pooling mode")
-            return
         # Account before writing: a write error tears the client down, and its server must
         # then be judged on the state after this chunk.
         now = _monotonic()
         self.expect -= z
+        if client.mode == STATEMENT and idle != z:
+            client.disconnect("transaction blocks not allowed in statement pooling mode",
+                              error="transaction blocks not allowed in statement pooling mode")
+            return
         stats.query_count += z
         stats.query_time += int((now - self.query_start) * 1e6)
         self.query_start = now
@@ -536,19 +586,77 @@ class Server(Conn):
                 stats.xact_time += int((now - self.xact_start) * 1e6)
             self.xact_start = 0.0
         sent = client.write(data)
-        if client.mode != SESSION and self.client is client and self.clean_for_release():
+        if client.mode != SESSION and self.client is client and self.clean_for_release(client):
             if sent:
                 self.pool.release(self, now)
             else:
                 self.release_on_drain = True
 
-    def clean_for_release(self) -> bool:
+    def clean_for_release(self, client: Client | None) -> bool:
         """At a transaction boundary with nothing in flight in either direction."""
-        client = self.client
         return (self.expect <= 0 and self.bs.status == STATUS_IDLE and self.internal is None
                 and self.out is None and self.bs.at_boundary() and not self.statements.queue
                 and (client is None or (not client.fs.ext_open and not client.fs.copy_in
                                         and client.fs.at_boundary() and not client.ps_partial)))
+
+    # -- a client that left ------------------------------------------------------------------
+
+    def client_left(self, client: Client) -> None:
+        """``client`` (already unlinked) is gone: this server goes back to its pool clean,
+        is drained first, or is closed. Never raises."""
+        try:
+            if self.clean_for_release(client):
+                self.pool.release(self, _monotonic())
+            elif client.forwarded_partial():
+                # The backend waits for the rest of a message: no Terminate (it would be
+                # read as that rest), just EOF, which ends the backend at once.
+                self.close("client disconnect while server was not ready", partial=True)
+            elif self.internal is not None or self.out is not None:
+                self.close("client disconnect while server was not ready")
+            else:
+                self._drain(client)
+        except Exception as exc:
+            self.fail(exc)
+
+    def _drain(self, client: Client) -> None:
+        """Have the backend finish what the client asked (a Sync ends any batch; a CopyFail
+        any COPY IN; a cancel a running query), reading its replies to no one."""
+        running = self.expect > 0 and not client.fs.copy_in
+        self.expect += 1
+        self.draining = True
+        self.state = "active"
+        self.worker.drains[self] = _monotonic() + self.worker.settings.cancel_wait_timeout
+        self.write(COPY_FAIL + SYNC if client.fs.copy_in else SYNC)
+        if running and not self.closed and not self.cancels:
+            self.worker.cancel_server(self)
+        if not self.closed:
+            self.rw.start(self.on_read)  # it may have been paused by the client's backlog
+
+    def _drain_read(self, n: int) -> None:
+        bs = self.bs
+        rfq = bs.rfq
+        bs.feed(_BUF, n)
+        bs.params = None  # the next client's SETs are worked out from self.params anyway
+        if bs.copy_in:  # a COPY queued behind the rest: no data will come for it
+            self.close("client disconnect while server was not ready")
+            return
+        self.expect -= bs.rfq - rfq
+        if self.expect > 0 or not bs.at_boundary():
+            return
+        self.draining = False
+        self.worker.drains.pop(self, None)
+        if bs.status == STATUS_IDLE:
+            self.pool.release(self, _monotonic())
+        elif self.cancels:
+            self.close("client disconnect while server was not ready")
+        else:
+            self.run_internal("ROLLBACK", self._rolled_back)
+
+    def _rolled_back(self, server: Server, error: dict[str, str] | None) -> None:
+        if error is not None or self.bs.status != STATUS_IDLE:
+            self.close("rollback after client disconnect failed")
+        else:
+            self.pool.release(self, _monotonic())
 
     def _take_params(self, params: list[tuple[str, str]], client: Client | None) -> None:
         """ParameterStatus while linked: a SET by the client changes both sides alike."""
@@ -625,35 +733,50 @@ class Server(Conn):
     def detach(self) -> None:
         """Forget this idle server without closing it: another worker owns it now."""
         self.closed = True
-        self.stop_io()
-        self.sock.close()  # our descriptor only: the connection travels in the message
+        self.release_socket()  # our descriptor only: the connection travels in the message
         self.pool.server_gone(self)
 
-    def close(self, reason: str, client_error: str | None = None) -> None:
+    def label(self) -> str:
+        pool = self.pool
+        return plog.socket_prefix("S", self.id, pool.dbname, pool.user, self.addr, self.port)
+
+    def close(self, reason: str, client_error: str | None = None, crashed: bool = False,
+              partial: bool = False) -> None:
         """Close this server; a linked client cannot continue without it and is closed too.
+        Never raises.
 
         The server leaves its pool at once but stays counted against the limits until its
         backend is gone (EOF after our Terminate): PostgreSQL must never see more servers
-        than a limit allows, not even while one of them is still exiting.
+        than a limit allows, not even while one of them is still exiting. A backend with a
+        query under way would read the Terminate only when the query ends: unless the
+        server itself failed (``crashed``), the query is cancelled. ``partial``: the backend
+        was sent half a message, so it gets no Terminate, only the end of our stream.
         """
         if self.closed:
             return
         self.closed = True
         client, self.client = self.client, None
+        partial = partial or (client is not None and client.forwarded_partial())
+        busy = self.expect > 0 and not crashed
+        self.draining = False
+        self.worker.drains.pop(self, None)
         if self.worker.settings.log_disconnections:
-            log.info("S-%d: %s/%s@%s:%d closing because: %s (age=%ds)", self.id,
-                     self.pool.dbname, self.pool.user, self.addr, self.port, reason,
+            log.info("%s closing because: %s (age=%ds)", self.label(), reason,
                      int(_monotonic() - self.born))
         self.pool.server_gone(self)
         self.rw.stop()
         if self.ww is not None:
             self.ww.stop()
         try:
-            self.sock.send(proto.TERMINATE)
+            if not partial and self.out is None:
+                self.sock.send(proto.TERMINATE)
+            self.sock.shutdown(socket.SHUT_WR)
             self.rw.start(self._on_closing)
             self.worker.closing[self] = _monotonic()
         except OSError:
             self.gone()
+        if busy and not self.cancels:
+            self.worker.cancel_server(self)
         if client is not None:
             client.server = None
             # After the server's own FATAL (passed on already), a second one would be a lie.
@@ -661,7 +784,7 @@ class Server(Conn):
 
     def _on_closing(self) -> None:
         try:
-            if self.sock.recv(BUF_SIZE):
+            if self.sock.recv_into(_BUF, BUF_SIZE):
                 return  # whatever it still had to say; we only wait for its end
         except (BlockingIOError, InterruptedError):
             return
@@ -672,7 +795,6 @@ class Server(Conn):
     def gone(self) -> None:
         """The backend is gone (or given up on): stop counting this server."""
         self.worker.closing.pop(self, None)
-        self.stop_io()
-        self.sock.close()
+        self.release_socket()
         self.worker.limits.server_closed(self.pool.rows)
         self.pool.room_freed()

@@ -63,12 +63,16 @@ class Worker:
         self._entropy = memoryview(b"")  # os.urandom read ahead for cancel keys
         self.auto_databases: dict[str, Database] = {}
         self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
+        self.drains: dict = {}  # Server -> until when it may drain (Server.client_left)
         self.handshakes: dict = {}  # Login -> its deadline, while no greenlet enforces it
+        self.unauthenticated: dict = {}  # Login -> admitted at; a place, no auth yet; oldest first
         # SHOW STATS averages: per database, the last stats_period (every worker computes
         # the same from shared memory at the same wall-clock boundaries).
         self.averages: dict[str, list[float]] = {}
         self._stats_mark: tuple[int, dict[str, list[int]]] | None = None
         self.logins = 0
+        self.admins: dict = {}  # console sessions (admin.AdminSession) by client id
+        self.admin_stats = [0] * len(shm.STAT_FIELDS)  # the admin pool's, as PgBouncer's
         self.draining = False
         self.drainer = None  # a migrate.Drain while this worker moves its clients away
         self.state = state  # PAUSE/DISABLE/KILL as the master told every worker
@@ -326,6 +330,10 @@ class Worker:
         timer = self.loop.timer(HOUSEKEEPING_PERIOD, HOUSEKEEPING_PERIOD)
         timer.start(self._housekeeping)
         self._timer = timer
+        # Its own timer: the others judge by it within ~0.1 s whether this worker still runs.
+        beat = self.loop.timer(0, shm.HEARTBEAT_PERIOD)
+        beat.start(self._beat)
+        self._beat_timer = beat
         self.exchange.start()
         self._install_signals()
         self.publish(shm.READY)
@@ -376,15 +384,22 @@ class Worker:
             for login, deadline in list(self.handshakes.items()):
                 if now > deadline:
                     login.timed_out()
+            for server, until in list(self.drains.items()):
+                if now > until:
+                    server.close("client disconnect while server was not ready "
+                                 "(not drained within cancel_wait_timeout)")
             for server, since in list(self.closing.items()):
                 if now - since > CLOSE_WAIT:
-                    log.warning("S-%d: backend did not end within %ds of Terminate; "
-                                "no longer counted", server.id, CLOSE_WAIT)
+                    log.warning("%s backend did not end within %ds of Terminate; "
+                                "no longer counted", server.label(), CLOSE_WAIT)
                     server.gone()
             self._stats_period()
         except Exception:
             log.exception("janitor failed")
         self._publish_slot()
+
+    def _beat(self) -> None:
+        self.segment.beat(self.slot, time.monotonic_ns())
 
     def _stats_period(self) -> None:
         period = max(self.settings.stats_period, 1)

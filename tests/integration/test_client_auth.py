@@ -3,7 +3,7 @@ stored secret), and pgherd's own server logins (md5, SCRAM, cleartext; password 
 auth_file or the connection string; SCRAM passthrough).
 
 Reference: reference/pgbouncer.md §4.6, §4.7, §4.10. Wrong password and unknown user must be
-indistinguishable (same text, same SQLSTATE 28P01).
+indistinguishable (same text, same SQLSTATE: 08P01, as PgBouncer sends it, not PostgreSQL's 28P01).
 """
 
 from __future__ import annotations
@@ -91,11 +91,11 @@ def test_password_auth(pgherd, pg, auth_type, stored, method):
     assert current_user(h.dsn(user="app", password="apppw")) == "app"
 
     wrong = login_error(h.dsn(user="app", password="not-the-password"))
-    assert wrong is not None and wrong.sqlstate == "28P01", wrong
+    assert wrong is not None and wrong.sqlstate == "08P01", wrong
     assert "authentication failed" in str(wrong)
 
     unknown = login_error(h.dsn(user="nobody_here", password="apppw"))
-    assert unknown is not None and unknown.sqlstate == "28P01", unknown
+    assert unknown is not None and unknown.sqlstate == "08P01", unknown
     if (auth_type, stored) != ("md5", "scram"):
         # an unknown user goes through the same exchange and fails the same way. (Not
         # with auth_type md5 and a SCRAM secret: PgBouncer's unknown user has no secret,
@@ -106,7 +106,7 @@ def test_password_auth(pgherd, pg, auth_type, stored, method):
     # the stored secret itself is not a password
     if stored != "plaintext":
         err = login_error(h.dsn(user="app", password=secret))
-        assert err is not None and err.sqlstate == "28P01", err
+        assert err is not None and err.sqlstate == "08P01", err
 
     # libpq (psycopg) too, over TCP and over the unix socket
     for dsn in (h.dsn(user="app", password="apppw"), h.unix_dsn(user="app", password="apppw")):
@@ -139,7 +139,7 @@ def test_empty_stored_password_never_matches(pgherd, auth_type):
         assert errors, msgs
         assert not [m for m in msgs if m[0] in (b"Z", b"K")], msgs
         if auth_type == "md5":
-            assert errors[0]["C"] == "28P01", errors
+            assert errors[0]["C"] == "08P01", errors
 
 
 def test_psql_with_password(pgherd, pg):
@@ -198,7 +198,7 @@ def test_server_login_wrong_password_reaches_client(pgherd):
     h = pgherd(settings={"auth_type": "trust"}, userlist={"u_md5": "not-md5pw"})
     err = login_error(h.dsn(user="u_md5"))
     assert err is not None
-    assert err.sqlstate == "28P01", err
+    assert err.sqlstate == "28P01", err  # the server's own error, passed on as PgBouncer does
     assert 'password authentication failed for user "u_md5"' in str(err)
     # the pooler itself is fine
     assert current_user(h.dsn(user="app")) == "app"
@@ -226,7 +226,7 @@ def test_scram_passthrough(pgherd, pg, auth_type):
         b.close()
     assert pg.log(offset).count('identity="u_scram" method=scram-sha-256') >= 2
     err = login_error(h.dsn(user="u_scram", password="wrong"))
-    assert err is not None and err.sqlstate == "28P01"
+    assert err is not None and err.sqlstate == "08P01"
 
 
 def test_scram_secret_without_client_scram_cannot_log_in(pgherd, pg):

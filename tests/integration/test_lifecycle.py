@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -25,7 +24,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.helpers import Sampler, wait_for
+from tests.helpers import Bench, Sampler, wait_for
 
 WORKERS = 4
 TX = {"pool_mode": "transaction"}
@@ -35,47 +34,6 @@ NO_PREPARE = {"prepare_threshold": None}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-
-
-class Bench:
-    """pgbench through pgherd in the background (``with Bench(...) as b``); killed on exit
-    from the block if it still runs, so a failing test leaves no pgbench behind."""
-
-    def __init__(self, pg, h, *args: str, dbname: str = "bench") -> None:
-        self.cmd = [pg.pgbench_path, "-n", "-h", h.host, "-p", str(h.port), "-U", "postgres",
-                    *args, dbname]
-        self.proc: subprocess.Popen | None = None
-        self.out = self.err = ""
-
-    def __enter__(self) -> "Bench":
-        self.proc = subprocess.Popen(self.cmd, env=_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def finish(self, timeout: float = 60) -> "Bench":
-        self.out, self.err = self.proc.communicate(timeout=timeout)
-        return self
-
-    def assert_clean(self) -> int:
-        """Exit 0, no failed transaction, some processed; returns the processed count."""
-        text = self.out + self.err
-        assert self.proc.returncode == 0, text
-        assert "number of failed transactions: 0" in self.out, text
-        m = re.search(r"number of transactions actually processed: (\d+)", self.out)
-        assert m and int(m.group(1)) > 0, text
-        return int(m.group(1))
 
 
 def slot_of(conn: psycopg.Connection) -> int:
@@ -279,6 +237,71 @@ def test_worker_count_changes_live_under_load(pg, pgherd, pgbench_db):
     assert config_everywhere(h, "workers", slots=1) == {0: "1"}
 
 
+def listening_sockets(h) -> int:
+    """TCP listeners the master holds on the service's port (one per live worker slot)."""
+    return sum(1 for c in psutil.Process(h.pid).net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == h.port)
+
+
+def test_set_workers_0_means_one_per_cpu_as_in_the_ini(pg, pgherd):
+    cpus = os.cpu_count() or 1
+    h = pgherd(settings=TX, workers=1 if cpus > 1 else 2)
+    h.admin("SET workers = 0")
+    wait_for(lambda: titles(h) == [f"pgherd: worker {i}" for i in range(cpus)], timeout=10,
+             message=lambda: f"one worker per CPU ({cpus}), have {titles(h)}")
+    assert served_by(h, cpus) == set(range(cpus))
+    assert listening_sockets(h) == cpus
+    assert config_everywhere(h, "workers", slots=cpus) == {i: str(cpus) for i in range(cpus)}
+
+
+def test_a_slot_grown_back_while_its_worker_drains_gets_its_listener(pg, pgherd,
+                                                                     scratch_table):
+    h = pgherd(settings=TX, workers=2)
+    conns = []
+    try:
+        # a transaction open on worker 1 keeps it draining after the shrink
+        while not conns or slot_of(conns[-1]) != 1:
+            conns.append(h.connect(autocommit=False, **NO_PREPARE))
+        conn = conns[-1]
+        conn.execute(f"INSERT INTO {scratch_table} VALUES (1)")
+        old = pid_of_slot(h, 1)
+        h.admin("SET workers = 1")
+        h.wait_log(r"worker 1 draining")
+        h.admin("SET workers = 2")  # wanted again before its worker could leave
+        assert pid_of_slot(h, 1) == old
+        conn.commit()  # the client moves to worker 0, worker 1 exits and is replaced
+        wait_for(lambda: pid_of_slot(h, 1) not in (None, old), timeout=10,
+                 message=lambda: f"a new worker 1, have {titles(h)}")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.commit()
+    finally:
+        for c in conns:
+            c.close()
+    assert served_by(h, 2) == {0, 1}
+    assert listening_sockets(h) == 2
+    assert "worker 1 (pid %d) exited with status" % old not in h.log()  # not taken for a crash
+
+
+def test_shrinking_keeps_the_stats_of_the_retiring_worker(pg, pgherd, pgbench_db):
+    h = pgherd(settings={**TX, "default_pool_size": 8}, workers=2)
+    with Bench(pg, h, "-c", "8", "-j", "2", "-T", "4", "-S") as bench:
+        wait_started(pg, pgbench_db)
+        h.admin("SET workers = 1")  # worker 1 drains while pgbench runs
+        wait_for(lambda: titles(h) == ["pgherd: worker 0"], timeout=5,
+                 message=lambda: f"worker 0 alone while pgbench runs, have {titles(h)}")
+        assert bench.running(), "pgbench ended before the shrink completed"
+        bench.finish()
+    n = bench.assert_clean()
+
+    def xacts() -> int:
+        return sum(int(r["total_xact_count"]) for r in h.admin_dicts("SHOW STATS")
+                   if r["database"] == pgbench_db)
+
+    # pgbench runs two queries of its own before the run (see test_one_pooler)
+    wait_for(lambda: xacts() == n + 2, timeout=5,
+             message=lambda: f"SHOW STATS total_xact_count {xacts()} == pgbench's {n} + 2")
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
@@ -353,26 +376,6 @@ def test_sigquit_exits_at_once_with_clients(pg, pgherd, scratch_table):
 # --------------------------------------------------------------------------- PostgreSQL restart
 
 
-def _pg_answers(pg) -> bool:
-    try:
-        return pg.sql("SELECT 1", dbname="postgres") == [(1,)]
-    except psycopg.OperationalError:
-        return False
-
-
-def restart_postgres(pg) -> None:
-    """``pg_ctl restart -m fast`` as the fixture runs pg_ctl (``-l`` keeps the server's
-    output in its log instead of our pipe). The cluster serves every later test of this
-    xdist worker: whatever happens, it is up again when this returns."""
-    ctl = [pg.bindir / "pg_ctl", "-D", pg.datadir]
-    try:
-        pg.run_as_pg(ctl + ["-l", pg.log_path, "-m", "fast", "-w", "-t", "60", "restart"])
-    finally:
-        if pg.run_as_pg(ctl + ["status"], check=False).returncode != 0:
-            pg.run_as_pg(ctl + ["-l", pg.log_path, "-w", "-t", "60", "start"])
-        wait_for(lambda: _pg_answers(pg), timeout=30, message="PostgreSQL up again")
-
-
 def test_postgres_restart_under_load(pg, pgherd, pgbench_db):
     # server_login_retry = 1: after a failed server login PgBouncer fails new clients fast
     # for server_login_retry seconds (15 by default); logins fail while PostgreSQL restarts,
@@ -410,7 +413,7 @@ def test_postgres_restart_under_load(pg, pgherd, pgbench_db):
         wait_for(lambda: all(last_ok), timeout=10, message="every client served once")
         assert not errors, errors
         t_restart = time.monotonic()
-        restart_postgres(pg)
+        pg.restart_server()
         t_up = time.monotonic()
         # every client gets served again within a few seconds, pgherd untouched
         wait_for(lambda: all(t > t_up for t in last_ok), timeout=5,

@@ -18,7 +18,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.helpers import Pgherd, wait_for
+from tests.helpers import Pgherd, free_port, wait_for
 
 PGHERD = str(Path(sys.executable).parent / "pgherd")
 
@@ -209,6 +209,58 @@ def test_second_instance_on_same_unix_socket_refuses(pgherd):
     assert h.running()
     with psycopg.connect(h.unix_dsn(), autocommit=True) as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def listeners_on(port: int) -> int:
+    """Listening TCP sockets on ``port``, whoever holds them."""
+    return sum(1 for c in psutil.net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+
+
+def serving_workers(h: Pgherd, want: int, tries: int = 80) -> set[int]:
+    """Pids of the workers new TCP clients reach: connect until ``want`` of them answered."""
+    seen: set[int] = set()
+    for _ in range(tries):
+        with h.connect() as c:
+            assert c.execute("SELECT 1").fetchone() == (1,)
+            seen.add(worker_of(h, c))
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def test_second_instance_on_same_tcp_or_http_port_refuses(pgherd):
+    http_port = free_port()
+    h = pgherd(settings={"http_listen_port": http_port}, workers=2)
+    for taken, port in (("listen_port", h.port), ("http_listen_port", http_port)):
+        other = {"listen_port": h.port if taken == "listen_port" else free_port(),
+                 "http_listen_port": http_port if taken == "http_listen_port" else 0}
+        h2 = pgherd(settings=other, workers=1, wait_ready=False)
+        assert h2.wait_exit(20) != 0
+        text = h2.output() + h2.log()
+        assert re.search(r"127\.0\.0\.1:%d: address already in use" % port, text, re.I), text
+    assert listeners_on(h.port) == 2 and listeners_on(http_port) == 2
+    # the first one's own sockets still serve: a respawned worker, a slot added by a reload
+    victim = h.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(h.worker_pids()) == 2 and victim not in h.worker_pids(), timeout=10,
+             message=lambda: f"a new worker (now {h.worker_pids()})")
+    h.admin("SET workers = 3")
+    wait_for(lambda: len(h.worker_pids()) == 3, timeout=10,
+             message=lambda: f"3 workers (now {h.worker_pids()})")
+    assert serving_workers(h, 3) == set(h.worker_pids())
+    assert listeners_on(h.port) == 3 and listeners_on(http_port) == 3
+
+
+def test_so_reuseport_lets_services_share_a_port(pgherd):
+    """PgBouncer's so_reuseport = 1: several services on one port, on purpose."""
+    h = pgherd(settings={"so_reuseport": 1}, workers=1)
+    h2 = pgherd(settings={"so_reuseport": 1, "listen_port": h.port}, workers=1)
+    assert h.running() and h2.running()
+    assert listeners_on(h.port) == 2
+    for service in (h, h2):  # each its own unix socket
+        with psycopg.connect(service.unix_dsn(), autocommit=True) as c:
+            assert c.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_check_reports_file_and_line(tmp_path, pg):

@@ -2,20 +2,18 @@
 
 /metrics is parsed with prometheus_client's own parsers and compared with the admin console's
 SHOW STATS / SHOW POOLS (the same shared memory, so the numbers must be equal); /ready must
-flip to 503 during PAUSE and during a graceful shutdown. The first test runs without
-PostgreSQL: it checks the Grafana dashboard against the metric names the collector emits.
+flip to 503 during PAUSE and during a graceful shutdown. The Grafana dashboard is checked
+against a live /metrics, and the community PgBouncer exporter's names against the console.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import socket
 import time
-from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -24,7 +22,6 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from ipc import shm
 from tests.helpers import REPO_ROOT, free_port, wait_for
 from workers import http as pghttp
 
@@ -64,8 +61,8 @@ def samples(text: str) -> dict[tuple[str, frozenset], float]:
     return out
 
 
-def value(scrape: dict, name: str, **labels: str) -> float:
-    return scrape[(name, frozenset(labels.items()))]
+def value(scrape: dict, metric: str, **labels: str) -> float:
+    return scrape[(metric, frozenset(labels.items()))]
 
 
 def scrape(port: int) -> dict:
@@ -86,18 +83,6 @@ def service(pgherd):
 # ----------------------------------------------------------------------------- dashboard
 
 
-def _offline_worker() -> SimpleNamespace:
-    """Just enough of a Worker for the collector: a shm segment with one pool in it."""
-    seg = shm.Segment.create(max_workers=2, max_rows=16)
-    seg.write(0, pid=os.getpid(), state=shm.READY, heartbeat_ns=time.monotonic_ns())
-    for key in (shm.row_key(shm.POOL, "db", "u"), shm.row_key(shm.DATABASE, "db"),
-                shm.row_key(shm.USER, "u")):
-        seg.row(key)
-    settings = SimpleNamespace(workers=2, max_db_connections=0, max_user_connections=0)
-    return SimpleNamespace(segment=seg, settings=settings,
-                           config=SimpleNamespace(databases={}, users={}))
-
-
 def _panels(items: list) -> list:
     out = []
     for p in items:
@@ -106,9 +91,30 @@ def _panels(items: list) -> list:
     return out
 
 
-def test_dashboard_queries_only_metrics_the_collector_emits() -> None:
-    body, _ = pghttp.Metrics(_offline_worker(), fresh=False).render()
-    emitted = {s.name for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+_SELECTOR = re.compile(r"\b((?:pgherd|pgbouncer)_[a-z0-9_]+)(\{[^}]*\})?")
+_MATCHER = re.compile(r"([a-z_]+)\s*(?:=~|!~|!=|=)")
+_BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+_ADDED_BY_PROMETHEUS = {"instance", "job"}
+
+
+def _live_labels(body: str) -> dict[str, set[str]]:
+    """{sample name: label names} of a live scrape."""
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+def test_dashboard_queries_only_what_a_live_metrics_exports(service) -> None:
+    """Every metric each panel (and template variable) queries is in a live /metrics, with
+    the labels the expression selects or groups by."""
+    h = service
+    with h.connect("p0", **NO_PREPARE) as conn:  # a pool, a database and a user row
+        conn.execute("SELECT 1")
+        status, _, body = get(h.http_port, "/metrics")
+    assert status == 200
+    live = _live_labels(body)
     dash = json.loads(DASHBOARD.read_text())
     assert 36 <= dash["schemaVersion"] <= 40
     variables = {v["name"]: v for v in dash["templating"]["list"]}
@@ -120,11 +126,24 @@ def test_dashboard_queries_only_metrics_the_collector_emits() -> None:
             continue
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"], panel["title"]
-        exprs += [t["expr"] for t in panel["targets"]]
-    exprs += [v["definition"] for v in variables.values() if v.get("definition")]
-    used = {name for e in exprs for name in re.findall(r"\bpgherd_[a-z0-9_]+", e)}
-    assert used, "no pgherd metric in the dashboard"
-    assert used <= emitted, "dashboard uses unknown metrics: %s" % sorted(used - emitted)
+        exprs += [(panel["title"], t["expr"]) for t in panel["targets"]]
+    exprs += [(name, v["definition"]) for name, v in variables.items() if v.get("definition")]
+    used = set()
+    for title, expr in exprs:
+        names = []
+        for name, matchers in _SELECTOR.findall(expr):
+            assert name in live, "%s: %s is not in /metrics" % (title, name)
+            wanted = set(_MATCHER.findall(matchers)) - _ADDED_BY_PROMETHEUS
+            assert wanted <= live[name], "%s: %s has no label %s" % (
+                title, name, wanted - live[name])
+            names.append(name)
+        assert names, "%s queries no metric: %s" % (title, expr)
+        for group in _BY.findall(expr):
+            wanted = {g.strip() for g in group.split(",") if g.strip()} - _ADDED_BY_PROMETHEUS
+            assert all(wanted <= live[n] for n in names), "%s: by (%s)" % (title, group)
+        for label in re.findall(r"label_values\([^,]+,\s*([a-z_]+)\)", expr):
+            assert label in _ADDED_BY_PROMETHEUS or any(label in live[n] for n in names)
+        used.update(names)
     for wanted in ("pgherd_transactions_total", "pgherd_queries_total",
                    "pgherd_clients_active", "pgherd_clients_waiting", "pgherd_servers_active",
                    "pgherd_servers_idle", "pgherd_wait_time_seconds_total",
@@ -135,6 +154,69 @@ def test_dashboard_queries_only_metrics_the_collector_emits() -> None:
     # every panel has its own id
     ids = [p["id"] for p in _panels(dash["panels"])]
     assert len(ids) == len(set(ids))
+
+
+#: What prometheus-community/pgbouncer_exporter exports from PgBouncer 1.25's console.
+EXPORTER = {
+    "pgbouncer_up": set(), "pgbouncer_version_info": {"version"},
+    **{"pgbouncer_pools_" + n: {"database", "user"} for n in (
+        "client_active_connections", "client_active_cancel_connections",
+        "client_waiting_connections", "client_waiting_cancel_connections",
+        "server_active_connections", "server_active_cancel_connections",
+        "server_being_canceled_connections", "server_idle_connections",
+        "server_used_connections", "server_testing_connections", "server_login_connections",
+        "client_maxwait_seconds")},
+    **{"pgbouncer_stats_" + n: {"database"} for n in (
+        "queries_pooled_total", "queries_duration_seconds_total", "received_bytes_total",
+        "sent_bytes_total", "client_wait_seconds_total", "sql_transactions_pooled_total",
+        "server_in_transaction_seconds_total")},
+    **{"pgbouncer_databases_" + n: {"name", "host", "port", "database", "force_user",
+                                    "pool_mode"}
+       for n in ("pool_size", "max_connections", "current_connections", "paused",
+                 "disabled")},
+    **{"pgbouncer_" + n: set() for n in (
+        "databases", "users", "pools", "free_clients", "used_clients", "login_clients",
+        "free_servers", "used_servers", "cached_dns_names", "cached_dns_zones",
+        "in_flight_dns_queries", "config_max_client_connections",
+        "config_max_user_connections")},
+    "pgbouncer_server_connections": {"user", "database", "state", "addr", "close_needed"},
+}
+
+
+def test_community_exporter_names_and_values(service) -> None:
+    h = service
+    with h.connect("p1", **NO_PREPARE) as conn:
+        for _ in range(3):
+            conn.execute("SELECT 1")
+        status, _, body = get(h.http_port, "/metrics")
+        m = samples(body)
+        live = _live_labels(body)
+        stats = {r["database"]: r for r in h.admin_dicts("SHOW STATS")}
+        pools = {(r["database"], r["user"]): r for r in h.admin_dicts("SHOW POOLS")}
+        lists = dict(h.admin("SHOW LISTS"))
+        dbs = {r["name"]: r for r in h.admin_dicts("SHOW DATABASES")}
+        servers = h.admin_dicts("SHOW SERVERS")
+    for name, labels in EXPORTER.items():
+        assert name in live, name
+        assert live[name] == labels, (name, live[name])
+    p = pools[("p1", "postgres")]
+    pool = {"database": "p1", "user": "postgres"}
+    assert value(m, "pgbouncer_pools_client_active_connections", **pool) == p["cl_active"] == 1
+    assert value(m, "pgbouncer_pools_server_idle_connections", **pool) == p["sv_idle"]
+    assert value(m, "pgbouncer_stats_sql_transactions_pooled_total", database="p1") == \
+        stats["p1"]["total_xact_count"] >= 3
+    assert value(m, "pgbouncer_stats_queries_duration_seconds_total", database="p1") == \
+        pytest.approx(float(stats["p1"]["total_query_time"]) / 1e6)
+    d = dbs["p1"]
+    assert value(m, "pgbouncer_databases_pool_size", name="p1", host=d["host"],
+                 port=str(d["port"]), database="p1", force_user="", pool_mode="") == \
+        d["pool_size"]
+    # the console's own rows are in SHOW LISTS, as PgBouncer counts them
+    for row in ("databases", "users", "pools", "used_servers"):
+        assert value(m, "pgbouncer_" + row) == lists[row], row
+    assert sum(v for (n, _), v in m.items() if n == "pgbouncer_server_connections") == \
+        len(servers)
+    assert value(m, "pgbouncer_version_info", version=h.admin("SHOW VERSION")[0][0]) == 1
 
 
 # ----------------------------------------------------------------------------- /metrics
@@ -175,7 +257,8 @@ def test_metrics_equal_show_stats_and_show_pools(service, pg) -> None:
             assert total("pgherd_sent_bytes_total", db) == s["total_sent"]
             assert total("pgherd_server_assignments_total", db) == \
                 s["total_server_assignment_count"]
-            assert total("pgherd_client_logins_total", db) == s["total_client_login_count"]
+            # PgBouncer 1.25's SHOW STATS has no login counter: the connections made above.
+            assert total("pgherd_client_logins_total", db) == (len(conns) if db == "p0" else 1)
             assert total("pgherd_xact_time_seconds_total", db) == \
                 pytest.approx(float(s["total_xact_time"]) / 1e6)
             assert total("pgherd_query_time_seconds_total", db) == \
@@ -183,6 +266,8 @@ def test_metrics_equal_show_stats_and_show_pools(service, pg) -> None:
             assert total("pgherd_wait_time_seconds_total", db) == \
                 pytest.approx(float(s["total_wait_time"]) / 1e6)
         for (db, user), p in pools.items():
+            if db == "pgbouncer":
+                continue  # the admin console's pool: the console is not pooled
             lab = {"database": db, "user": user}
             assert value(m, "pgherd_clients_active", **lab) == p["cl_active"]
             assert value(m, "pgherd_clients_waiting", **lab) == p["cl_waiting"]
@@ -282,7 +367,7 @@ def test_health_ready_and_unknown_paths(service) -> None:
     status, _, body = get(port, "/ready?verbose=1")  # a query string is ignored
     assert status == 200
     assert get(port, "/nope")[0] == 404
-    assert get(port, "/")[0] == 404
+    assert get(port, "/index.html")[0] == 404  # / is the status page (test_statuspage)
     assert get(port, "/metrics/x")[0] == 404
     status, headers, _ = get(port, "/metrics", method="POST", body=b"x" * 100_000)
     assert status == 405 and headers["allow"] == "GET, HEAD"
@@ -376,6 +461,48 @@ def test_slow_and_oversized_http_clients_do_not_hurt_the_pooler(service) -> None
     assert get(port, "/ready")[0] == 200
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """The server closed this connection (without our reading anything from it)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_http_clients_never_delay_an_answer(service) -> None:
+    h = service
+    port = h.http_port
+    pids = h.worker_pids()
+    # idle connections, more than either worker may keep: they arrive first, so each worker
+    # has its full share open before the probes come
+    extra = 40
+    idle = [socket.create_connection(("127.0.0.1", port))
+            for _ in range(2 * pghttp.MAX_CONNECTIONS + extra)]
+    try:
+        for _ in range(10):
+            conn = http.client.HTTPConnection("127.0.0.1", port,
+                                              timeout=pghttp.READ_TIMEOUT / 2)
+            try:
+                conn.request("GET", "/health")
+                resp = conn.getresponse()
+                assert resp.status == 200, resp.read()
+            finally:
+                conn.close()
+        # bounded: each worker closed its oldest idle connections to stay within its limit
+        wait_for(lambda: sum(map(_hung_up, idle)) >= extra, timeout=pghttp.READ_TIMEOUT / 2,
+                 message=lambda: f"{extra} idle connections closed, "
+                 f"{sum(map(_hung_up, idle))} are")
+        assert not any(map(_hung_up, idle[-pghttp.MAX_CONNECTIONS // 2:]))  # the newest stay
+        assert h.admin("SHOW VERSION")  # the pooler serves
+    finally:
+        for s in idle:
+            s.close()
+    assert h.worker_pids() == pids
+    assert get(port, "/ready")[0] == 200
+
+
 # ----------------------------------------------------------------------------- stats log line
 
 
@@ -386,13 +513,14 @@ def test_log_stats_writes_one_service_line_per_period(pgherd) -> None:
         for _ in range(10):
             for c in conns:
                 c.execute("SELECT 1")
-        rx = re.compile(r"master LOG stats: (\d+) xacts/s, (\d+) queries/s, \d+ client "
+        rx = re.compile(r"\[%d\] LOG stats: (\d+) xacts/s, (\d+) queries/s, \d+ client " % h.pid +
                         r"parses/s, \d+ server parses/s, \d+ binds/s, in \d+ B/s, out \d+ B/s, "
                         r"xact \d+ us, query \d+ us, wait \d+ us")
         # the 40 transactions show up in some line's rate (one line per second, whole service)
         wait_for(lambda: any(int(m.group(1)) > 0 for m in rx.finditer(h.log())), timeout=10,
                  message=lambda: "a stats line with transactions:\n" + h.log()[-3000:])
-        assert not re.search(r"worker \d+ LOG stats:", h.log())  # workers do not log it
+        # workers do not log it: every stats line is the master's
+        assert set(re.findall(r"\[(\d+)\] LOG stats:", h.log())) == {str(h.pid)}
     finally:
         for c in conns:
             c.close()

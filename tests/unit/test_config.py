@@ -11,6 +11,7 @@ import pytest
 from prefork.config import (
     Config,
     ConfigError,
+    companion_path,
     Database,
     Problem,
     User,
@@ -78,6 +79,7 @@ server_tls_ciphers server_tls13_ciphers
 logfile syslog syslog_ident syslog_facility log_connections log_disconnections log_pooler_errors
 log_stats verbose admin_users stats_users
 workers shutdown_timeout http_listen_addr http_listen_port heartbeat_timeout max_worker_memory
+allow_root
 """.split()
 
 SUPPORTED = """
@@ -91,13 +93,13 @@ server_check_query server_reset_query server_reset_query_always client_login_tim
 client_idle_timeout query_timeout query_wait_timeout idle_transaction_timeout tcp_keepalive
 pkt_buf max_packet_size stats_period conffile workers shutdown_timeout heartbeat_timeout
 max_worker_memory http_listen_addr http_listen_port log_stats syslog syslog_ident syslog_facility
-max_prepared_statements tcp_defer_accept transaction_timeout
+max_prepared_statements tcp_defer_accept transaction_timeout user allow_root
 """.split()
 
 RESTART = """
 disable_pqexec job_name service_name listen_addr listen_backlog listen_port pidfile pkt_buf
 resolv_conf so_reuseport track_extra_parameters unix_socket_dir unix_socket_group
-unix_socket_mode user http_listen_addr http_listen_port tcp_defer_accept
+unix_socket_mode user http_listen_addr http_listen_port tcp_defer_accept allow_root
 """.split()
 
 
@@ -179,6 +181,15 @@ def test_settings_are_frozen_and_typed(write) -> None:
 def test_workers_zero_means_one_per_cpu(write) -> None:
     assert load_config(write(ini())).settings.workers == (os.cpu_count() or 1)
     assert load_config(write(ini(pgbouncer="workers = 3\n"))).settings.workers == 3
+
+
+def test_a_set_value_resolves_as_the_same_value_in_the_file(write) -> None:
+    """The console's SET workers = 0 is one worker per CPU too, not zero workers."""
+    path = write(ini(pgbouncer="workers = 3\n"))
+    config = load_config(path)
+    assert config.with_setting("workers", 0).settings.workers == (os.cpu_count() or 1)
+    assert config.with_setting("workers", 2).settings.workers == 2
+    assert config.with_setting("conffile", "").settings.conffile == path
 
 
 def test_conffile_defaults_to_the_loaded_path(write) -> None:
@@ -559,3 +570,23 @@ def test_example_ini_mentions_every_setting() -> None:
     for name, s in SETTINGS.items():
         assert f"\n;{name} = " in text or f"\n;{name} =\n" in text, name
     assert text.count("(not supported yet)") >= sum(not s.supported for s in SETTINGS.values())
+
+
+# --- pgherd's own settings beside a PgBouncer file ------------------------------------------
+
+
+def test_companion_file_holds_pgherds_settings(write) -> None:
+    path = write(ini(pgbouncer="workers = 2\npool_mode = session\n"), name="pgbouncer.ini")
+    assert companion_path(path).endswith("/pgbouncer.pgherd.ini")
+    write("[pgherd]\nworkers = 5\npool_mode = transaction\n", name="pgbouncer.pgherd.ini")
+    s = load_config(path).settings
+    assert (s.workers, s.pool_mode) == (5, "transaction")  # the companion wins
+
+
+def test_companion_file_takes_only_a_pgherd_section(write) -> None:
+    path = write(ini(), name="pgbouncer.ini")
+    write("[pgherd]\nworkers = x\n[databases]\nx = host=h\n", name="pgbouncer.pgherd.ini")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert [(Path(p.file).name, p.line, p.key) for p in exc.value.problems] == [
+        ("pgbouncer.pgherd.ini", 2, "workers"), ("pgbouncer.pgherd.ini", 3, "[databases]")]

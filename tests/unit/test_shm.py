@@ -2,6 +2,7 @@
 that another process never sees half-written."""
 
 import os
+import time
 
 import pytest
 
@@ -47,6 +48,9 @@ def test_servers_total_counts_held_in_flight_and_ghosts(seg):
 
 def test_waiting_flags_name_the_oldest_other_worker(seg):
     row = seg.row(shm.row_key(shm.POOL, "db", "u"))
+    now = time.monotonic_ns()
+    for slot in range(3):
+        seg.beat(slot, now)
     assert seg.oldest_waiter_elsewhere(row, 0) is None
     seg.set_waiting(row, 1, 2, 2000)
     seg.set_waiting(row, 2, 1, 1000)
@@ -54,6 +58,23 @@ def test_waiting_flags_name_the_oldest_other_worker(seg):
     assert seg.oldest_waiter_elsewhere(row, 2) == (1, 2000)
     seg.set_waiting(row, 2, 0, 0)
     assert seg.oldest_waiter_elsewhere(row, 0) == (1, 2000)
+
+
+def test_a_stalled_worker_is_never_the_oldest_waiter(seg):
+    """Its clients wait longest of all once it stops: servers must not flow there."""
+    row = seg.row(shm.row_key(shm.POOL, "db", "u"))
+    now = time.monotonic_ns()
+    seg.beat(0, now)
+    seg.beat(1, now - shm.STALLED_AFTER_NS - 1)  # stopped
+    seg.beat(2, now)
+    seg.set_waiting(row, 1, 5, 1000)
+    seg.set_waiting(row, 2, 1, 2000)
+    assert seg.stalled(1, now) and not seg.stalled(2, now)
+    assert seg.oldest_waiter_elsewhere(row, 0) == (2, 2000)
+    seg.set_waiting(row, 2, 0, 0)
+    assert seg.oldest_waiter_elsewhere(row, 0) is None
+    seg.beat(1, time.monotonic_ns())  # running again
+    assert seg.oldest_waiter_elsewhere(row, 0) == (1, 1000)
 
 
 def test_handovers_sum_pool_rows_only(seg):
@@ -114,3 +135,43 @@ def test_a_reader_never_sees_a_counter_half_written(seg):
     while not os.waitpid(pid, os.WNOHANG)[0]:
         seen.add(seg.cell_get(row, 0, "servers"))
     assert seen <= {255, 256}
+
+
+def test_history_ring_keeps_the_last_samples_oldest_first(seg):
+    assert seg.history() == []
+    for i in range(shm.HISTORY_LEN + 10):
+        seg.history_append(at_ns=1000 + i, xact_count=i, maxwait_ns=2 * i)
+    samples = seg.history()
+    assert len(samples) == shm.HISTORY_LEN - 1  # the oldest slot is the next to be written
+    assert [s["xact_count"] for s in samples] == list(range(11, shm.HISTORY_LEN + 10))
+    last = samples[-1]
+    assert set(last) == set(shm.HISTORY_FIELDS)
+    assert last["at_ns"] == 1000 + shm.HISTORY_LEN + 9 and last["cl_waiting"] == 0
+
+
+def test_history_reader_drops_a_sample_the_master_may_be_overwriting(seg):
+    """A reader whose copy straddles a write keeps only samples whose slot was not reused."""
+    for i in range(shm.HISTORY_LEN):
+        seg.history_append(at_ns=i + 1, xact_count=i)
+    count_word = seg.history_offset >> 3
+    before = seg.q[count_word]
+
+    class Racing:
+        """The count as seen before and after copying the samples: the master wrote 3."""
+
+        def __init__(self, q):
+            self.q = q
+            self.reads = 0
+
+        def __getitem__(self, index):
+            value = self.q[index]
+            if index == count_word:
+                self.reads += 1
+                return value if self.reads == 1 else value + 3
+            return value
+
+    seg.q = Racing(seg.q)
+    samples = seg.history()
+    seg.q = seg.q.q
+    assert [s["xact_count"] for s in samples][0] == before - shm.HISTORY_LEN + 4
+    assert samples[-1]["xact_count"] == before - 1

@@ -199,7 +199,7 @@ def test_syslog_lines_carry_priority_ident_pid_and_role(pgherd_logger, fake_sysl
     pgherd_logger.info("hello %s", "world")
     data = sock.recv(4096)
     # daemon (3) * 8 + info (6) = 30; NUL-terminated like SysLogHandler's default
-    assert data == b"<30>pgherd-test[%d]: master LOG hello world\x00" % os.getpid()
+    assert data == b"<30>pgherd-test[%d]: LOG hello world\x00" % os.getpid()
     pgherd_logger.error("bad")
     assert sock.recv(4096).startswith(b"<27>pgherd-test[")  # daemon + err (3)
 
