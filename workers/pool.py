@@ -540,14 +540,16 @@ class Pool:
     def _login_failed(self, exc, key: tuple = ()) -> None:
         log.warning("%s/%s server login failed: %s", self.dbname, self.user, exc.message)
         # Logins waiting for their server hear why, as PostgreSQL would have told them; a
-        # value only some clients asked for is their problem, not the pool's.
+        # value only some clients asked for is their problem, not the pool's. Through a
+        # passing failure (a restart) they wait for the retry instead.
         fields = exc.fields
         own = bool(key) and fields.get("C") in startup.PARAMETER_ERRORS
-        for client in [c for c in self.waiting if c.greeting is not None
-                       and (not own or c.startup.key == key)]:
-            client.disconnect("server login failed: %s" % exc.message,
-                              error=fields.get("M", exc.message),
-                              sqlstate=fields.get("C", "08P01"))
+        if own or not exc.transient:
+            for client in [c for c in self.waiting if c.greeting is not None
+                           and (not own or c.startup.key == key)]:
+                client.disconnect("server login failed: %s" % exc.message,
+                                  error=fields.get("M", exc.message),
+                                  sqlstate=fields.get("C", "08P01"))
         if own:
             return
         self.login_error = exc.fields
@@ -564,7 +566,7 @@ class Pool:
         # will be, rather than at query_wait_timeout.
         failing = self.fast_fail(retry_due=False)
         if failing is not None:
-            for client in list(self.waiting):
+            for client in [c for c in self.waiting if c.greeting is None]:
                 client.disconnect(failing, error=failing)
 
     def fast_fail(self, retry_due: bool = True) -> str | None:
