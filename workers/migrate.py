@@ -79,7 +79,7 @@ class Drain:
         """At a transaction boundary, with nothing in flight in either direction."""
         if client.closed or client.pending is not None or client.out is not None:
             return False
-        if client.ps_partial or client.held:
+        if client.ps_partial or client.ps_through or client.held:
             return False
         if not client.fs.at_boundary() or client.state != "active":
             return False

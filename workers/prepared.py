@@ -168,11 +168,32 @@ def is_stale_error(fields: dict[str, str]) -> bool:
 # --------------------------------------------------------------------------- client -> server
 
 
+#: The messages rewritten for the server (statement names): they are needed whole. Any other
+#: passes as it comes, so a huge Query or CopyData streams instead of being buffered.
+REWRITTEN = frozenset((proto.F_PARSE, proto.F_BIND, proto.F_DESCRIBE, proto.F_CLOSE))
+
+
 def rewrite(client: Client, server: Server, data: bytes | memoryview) -> bytes:
-    """Rewrite a chunk of the client's stream for ``server``; complete messages only (a
-    partial one waits in ``client.ps_partial``). Queues what each request expects back."""
-    buf = client.ps_partial + bytes(data) if client.ps_partial else bytes(data)
+    """Rewrite a chunk of the client's stream for ``server``. A message to rewrite waits in
+    ``client.ps_partial`` until it is whole (``client.ps_need`` bytes); the rest of one that
+    passes untouched is forwarded as it arrives (``client.ps_through`` bytes still to come).
+    Queues what each request expects back."""
     out = bytearray()
+    through = client.ps_through
+    if through:
+        take = min(through, len(data))
+        out += data[:take]
+        client.ps_through = through - take
+        data = data[take:]
+    partial = client.ps_partial
+    if partial:
+        partial += data
+        if len(partial) < client.ps_need:
+            return bytes(out)  # not whole yet: nothing to look at again
+        buf: bytes | bytearray | memoryview = partial
+        client.ps_partial = bytearray()
+    else:
+        buf = data
     pos = 0
     n = len(buf)
     limit = client.worker.settings.max_packet_size
@@ -184,6 +205,13 @@ def rewrite(client: Client, server: Server, data: bytes | memoryview) -> bytes:
             raise ProtocolError("invalid packet length %d (type %r)" % (length, chr(mtype)))
         end = pos + 1 + length
         if end > n:
+            if st.skipping or mtype not in REWRITTEN:
+                if not st.skipping:
+                    _expect(st.queue, mtype)
+                out += buf[pos:n]
+                client.ps_through = end - n
+                return bytes(out)
+            client.ps_need = end - pos
             break
         if st.skipping:
             # After an error, up to the client's Sync: the server ignores these, so do we.
@@ -194,13 +222,16 @@ def rewrite(client: Client, server: Server, data: bytes | memoryview) -> bytes:
         else:
             _one(client, server, st, mtype, buf, pos, end, out)
         pos = end
-    client.ps_partial = buf[pos:]
+    else:
+        client.ps_need = 5
+    if pos < n:
+        client.ps_partial = bytearray(buf[pos:])
     return bytes(out)
 
 
 def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: bytes,
          pos: int, end: int, out: bytearray) -> None:
-    body = buf[pos + 5 : end]
+    body = bytes(buf[pos + 5 : end]) if mtype in REWRITTEN else b""
     queue = st.queue
     stats = client.pool.stats
     if mtype == proto.F_PARSE:
@@ -247,15 +278,20 @@ def _one(client: Client, server: Server, st: ServerStatements, mtype: int, buf: 
         queue.append(Expect(b"3", INJECT, CLOSE_COMPLETE, name=name, prep=prep))
     else:
         out += buf[pos:end]
-        if mtype == proto.F_EXECUTE:
-            queue.append(Expect(b"CIsE"))
-        elif mtype == proto.F_SYNC:
-            queue.append(Expect(b"Z", sync=True))
-        elif mtype in (proto.F_QUERY, proto.F_FUNCTION_CALL):
-            queue.append(Expect(b"Z"))
-        elif mtype == proto.F_CLOSE:  # of a portal
-            queue.append(Expect(b"3"))
-        # Flush, CopyData/Done/Fail, Terminate: no reply of their own.
+        _expect(queue, mtype)
+
+
+def _expect(queue: collections.deque, mtype: int) -> None:
+    """What the server answers a message that passes unrewritten."""
+    if mtype == proto.F_EXECUTE:
+        queue.append(Expect(b"CIsE"))
+    elif mtype == proto.F_SYNC:
+        queue.append(Expect(b"Z", sync=True))
+    elif mtype in (proto.F_QUERY, proto.F_FUNCTION_CALL):
+        queue.append(Expect(b"Z"))
+    elif mtype == proto.F_CLOSE:  # of a portal
+        queue.append(Expect(b"3"))
+    # Flush, CopyData/Done/Fail, Terminate: no reply of their own.
 
 
 _REPLIES = {proto.F_PARSE: b"1", proto.F_BIND: b"2", proto.F_DESCRIBE: b"Tn",

@@ -170,7 +170,8 @@ class Client(Conn):
 
     __slots__ = ("pool", "server", "fs", "params", "params_key", "cancel_key", "user", "dbname",
                  "state", "pending", "pending_syncs", "request_time", "wait_started",
-                 "idle_since", "login_time", "mode", "ps_mode", "statements", "ps_partial", "held",
+                 "idle_since", "login_time", "mode", "ps_mode", "statements", "ps_partial",
+                 "ps_need", "ps_through", "held",
                  "startup", "extra", "greeting")
 
     def __init__(self, worker: Worker, sock: socket.socket, pool: Pool,
@@ -186,7 +187,9 @@ class Client(Conn):
                                                    and self.mode != SESSION))
         self.ps_mode = False
         self.statements: dict[bytes, prepared.Preparation] = {}  # its named statements
-        self.ps_partial = b""  # a message not complete yet (rewriting needs it whole)
+        self.ps_partial = bytearray()  # a message to rewrite, not whole yet (prepared.rewrite)
+        self.ps_need = 5  # the bytes ps_partial must hold before it is looked at again
+        self.ps_through = 0  # the rest of a message forwarded as it comes
         self.held = b""  # a header cut by a chunk, held back (see _relay)
         self.params = params  # tracked parameter values this client expects
         self.params_key = worker.tracked.key(params)
@@ -325,7 +328,7 @@ class Client(Conn):
             if raw:
                 server.forward(bytes(_MV[:raw]), 0, _monotonic())
         fs.unsynced.clear()
-        self.ps_partial = self.held
+        self.ps_partial = bytearray(self.held)
         self.held = b""
         self._relay_statements(bytes(_MV[raw:n]))
 
@@ -597,7 +600,8 @@ class Server(Conn):
         return (self.expect <= 0 and self.bs.status == STATUS_IDLE and self.internal is None
                 and self.out is None and self.bs.at_boundary() and not self.statements.queue
                 and (client is None or (not client.fs.ext_open and not client.fs.copy_in
-                                        and client.fs.at_boundary() and not client.ps_partial)))
+                                        and client.fs.at_boundary() and not client.ps_partial
+                                        and not client.ps_through)))
 
     # -- a client that left ------------------------------------------------------------------
 

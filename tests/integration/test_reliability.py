@@ -299,3 +299,39 @@ def test_logins_stalled_in_authentication_do_not_keep_clients_out(pgherd, pg):
     finally:
         for c in stalled:
             c.close()
+
+
+# --------------------------------------------------------------------------- finding 7
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's highest RSS so far (VmHWM), in bytes: a buffer freed at once still shows."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM for %d" % pid)
+
+
+def test_a_huge_message_after_a_named_statement_streams_through(pgherd):
+    """Once a client names a statement its stream is rewritten; a 32 MB Query must still pass
+    as it comes (before: buffered again on every chunk, quadratic time, 2-3x its size in
+    memory), and a Bind to a named statement with a large parameter is gathered once."""
+    h = pgherd(settings=TX1, workers=1)
+    (pid,) = h.worker_pids()
+    size = 32 << 20
+    with wire.RawClient(h.host, h.port, timeout=60) as c:
+        c.login("postgres", "p0")
+        c.send(wire.parse("SELECT length($1::text)", "s1") + wire.bind([b"abc"], "s1")
+               + wire.execute() + wire.SYNC)
+        assert [m[1][6:] for m in c.read_until_ready() if m[0] == b"D"] == [b"3"]
+        before = _peak_rss(pid)
+        c.sock.sendall(wire.query("SELECT length('%s')" % ("x" * size)))
+        assert [m[1][6:] for m in c.read_until_ready() if m[0] == b"D"] == [str(size).encode()]
+        assert _peak_rss(pid) < before + (8 << 20), "the Query was buffered"
+        param = b"y" * (8 << 20)
+        c.sock.sendall(wire.bind([param], "s1") + wire.execute() + wire.SYNC)
+        assert [m[1][6:] for m in c.read_until_ready() if m[0] == b"D"] == \
+            [str(len(param)).encode()]
+    assert h.worker_pids() == [pid]
+    assert_no_internal_error(h)
