@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -242,6 +243,26 @@ def _port_bindable(port: int) -> bool:
         return False
     finally:
         s.close()
+
+
+def wait_read_by_peer(sock: socket.socket, timeout: float = 10.0) -> None:
+    """Until the process at the other end of this loopback TCP connection has read all that
+    was sent to it (its socket's receive queue in /proc/net/tcp is empty): the next send
+    then reaches it as a read of its own."""
+    def hexaddr(addr: tuple) -> str:
+        return "%08X:%04X" % (struct.unpack("<I", socket.inet_aton(addr[0]))[0], addr[1])
+
+    theirs, ours = hexaddr(sock.getpeername()), hexaddr(sock.getsockname())
+
+    def drained() -> bool:
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                fields = line.split()
+                if fields[1] == theirs and fields[2] == ours:
+                    return int(fields[4].split(":")[1], 16) == 0
+        raise AssertionError("no such connection in /proc/net/tcp")
+
+    wait_for(drained, timeout=timeout, message="the peer to read what was sent")
 
 
 def free_port() -> int:

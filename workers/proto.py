@@ -429,12 +429,13 @@ class FrontendScanner(_Scanner):
         # pipeline's replies still owed when rewriting begins: see Client._enter_statements).
         self.unsynced: list[int] = []
 
-    def unsee(self, syncs: int, syncs_since_exec: int, unsynced: int) -> None:
-        """Forget a chunk whose messages will be fed again (rewritten): its counts go back;
-        the rest of what it changed the second feed sets alike."""
+    def unsee(self, syncs: int, syncs_since_exec: int, unsynced: list[int]) -> None:
+        """Forget a chunk whose messages will be fed again (rewritten): its counts go back
+        (``unsynced`` is the list as it was: a Sync in the chunk emptied it); the rest of
+        what it changed the second feed sets alike."""
         self.syncs = syncs
         self.syncs_since_exec = syncs_since_exec
-        del self.unsynced[unsynced:]
+        self.unsynced = unsynced
         self.remaining = 0
         self.head = b""
         self.body = None
@@ -523,7 +524,7 @@ class BackendScanner(_Scanner):
     """
 
     __slots__ = ("rfq", "rfq_idle", "status", "params", "copy_in", "copy_open", "discarded",
-                 "fatal")
+                 "fatal", "discard_watched", "counting", "ext_done", "ext_failed")
 
     # ErrorResponse bodies are read for their severity only (errors are not the hot path).
     WANT_BODY = bytes((B_READY, B_PARAMETER_STATUS, B_ERROR))
@@ -539,13 +540,32 @@ class BackendScanner(_Scanner):
         self.params: list[tuple[str, str]] | None = None
         self.copy_in = 0
         self.copy_open = False  # in COPY IN after the last message seen
+        self.discard_watched = False
+        # While its client has extended-protocol requests not synced yet: their replies
+        # since the last ReadyForQuery (see prepared.in_flight), and whether one failed.
+        self.counting = False
+        self.ext_done = 0
+        self.ext_failed = False
 
     def watch_discard(self, on: bool) -> None:
         """While a server has prepared statements: notice DISCARD ALL / DEALLOCATE ALL."""
-        self.report = _REPORT_WITH_COMPLETE if on else BackendScanner.REPORT
+        self.discard_watched = on
+        self._choose_reports()
+
+    def count_replies(self, on: bool) -> None:
+        """Count the replies that end an extended-protocol request (off on the hot path)."""
+        self.counting = on
+        self._choose_reports()
+
+    def _choose_reports(self) -> None:
+        on = self.discard_watched
+        report = _REPORT_WITH_COMPLETE if on else BackendScanner.REPORT
+        self.report = report | _REQUEST_ENDS if self.counting else report
         self.want = _WANT_WITH_COMPLETE if on else BackendScanner.WANT_BODY
 
     def _message(self, mtype: int, buf, start: int, end: int) -> None:
+        if self.counting and mtype in _REQUEST_ENDS:
+            self.ext_done += 1
         if mtype == B_READY:
             if end - start != 1:
                 raise ProtocolError("bad ReadyForQuery")
@@ -555,6 +575,8 @@ class BackendScanner(_Scanner):
             self.rfq += 1
             if status == 73:
                 self.rfq_idle += 1
+            self.ext_done = 0
+            self.ext_failed = False
         elif mtype == B_PARAMETER_STATUS:
             if end >= 0:
                 pair = parse_parameter_status(buf[start:end])
@@ -566,6 +588,7 @@ class BackendScanner(_Scanner):
             self.copy_in += 1
             self.copy_open = True
         elif mtype == B_ERROR:
+            self.ext_failed = True  # the server skips the rest up to the client's Sync
             if end >= 0 and error_severity(buf, start, end) in (b"FATAL", b"PANIC"):
                 self.fatal = True
         elif mtype == B_COMMAND_COMPLETE and end >= 0:
@@ -586,4 +609,8 @@ def error_severity(buf, start: int, end: int) -> bytes:
 
 
 _REPORT_WITH_COMPLETE = BackendScanner.REPORT | {B_COMMAND_COMPLETE}
+#: The one reply that ends each extended-protocol request: ParseComplete, BindComplete,
+#: CloseComplete, NoData or RowDescription (Describe), CommandComplete, EmptyQueryResponse or
+#: PortalSuspended (Execute).
+_REQUEST_ENDS = frozenset(b"123nTCIs")
 _WANT_WITH_COMPLETE = BackendScanner.WANT_BODY + bytes((B_COMMAND_COMPLETE,))

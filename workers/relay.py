@@ -263,7 +263,7 @@ class Client(Conn):
             queries = fs.simple_queries
             watch = fs.watch_named
             if watch:
-                since, raw, unsynced = fs.syncs_since_exec, fs.remaining, len(fs.unsynced)
+                since, raw, unsynced = fs.syncs_since_exec, fs.remaining, fs.unsynced[:]
             fs.feed(_BUF, n)
             if fs.named:
                 fs.unsee(syncs, since, unsynced)
@@ -297,6 +297,8 @@ class Client(Conn):
                 self.pending = bytes(data)
                 self.pending_syncs = synced
                 return
+        if watch and server.bs.counting is not bool(fs.unsynced):
+            server.bs.count_replies(bool(fs.unsynced))  # see _enter_statements
         server.forward(data, synced, now)
 
     def _park_more(self, data: bytes | memoryview, syncs: int) -> None:
@@ -324,7 +326,17 @@ class Client(Conn):
             return
         if server is not None:
             # Requests still in flight were sent unrewritten: their replies pass through.
-            prepared.in_flight(server.statements, server.expect, fs.unsynced)
+            # Those of a pipeline not synced yet may have been answered already (a Flush, a
+            # full send buffer): only the rest are owed. Once the server has failed one, it
+            # skips the rest up to the Sync, answering nothing.
+            bs = server.bs
+            owed = fs.unsynced
+            if bs.counting and not server.expect:
+                owed = [] if bs.ext_failed else owed[bs.ext_done:]
+                if bs.ext_failed:
+                    server.statements.skipping = True
+            bs.count_replies(False)
+            prepared.in_flight(server.statements, server.expect, owed)
             if raw:
                 server.forward(bytes(_MV[:raw]), 0, _monotonic())
         fs.unsynced.clear()
@@ -385,6 +397,8 @@ class Client(Conn):
         if data and self.ps_mode:
             self._send_statements(server, data, now)
         elif data:
+            if self.fs.watch_named:
+                server.bs.count_replies(bool(self.fs.unsynced))  # see _enter_statements
             server.forward(data, self.pending_syncs, now)
         elif self.mode != SESSION and server.clean_for_release(self):
             self.pool.release(server, now)  # linked only to be greeted (startup.greet)

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from tests import wire
+from tests.helpers import wait_read_by_peer
 from tests.wire import FLUSH, RawClient, bind, data_rows, errors_in, execute, message, parse
 
 TXN_ONE = {"pool_mode": "transaction", "default_pool_size": 1}
@@ -290,6 +291,43 @@ def test_first_named_statement_in_the_middle_of_a_pipeline(pgherd):
             return [(await cur.fetchone())[0] for cur in cursors]
 
     assert asyncio.run(asyncio.wait_for(main(), 10)) == list(range(10))
+
+
+def _group(value: str, sql: str = "SELECT $1::int") -> bytes:
+    return parse(sql) + bind([value.encode()]) + message(b"D", b"P\0") + execute()
+
+
+@pytest.mark.parametrize("first", ["answered", "failed"])
+def test_first_named_statement_read_in_two_pieces_anywhere(pgherd, first):
+    """The pipeline that names its first statement arrives in two reads, cut at every byte;
+    the requests before it were flushed and answered (or failed) already. Before: a Sync in
+    the second piece, or replies already sent, shifted which reply belongs to which request
+    -- a request's replies vanished (the client hung) or pgherd's own leaked to it."""
+    h = pgherd(settings={"pool_mode": "transaction"}, workers=1)
+    stream = b"".join(_group(str(i)) for i in range(1, 5)) + parse("SELECT $1::int", "s1") \
+        + bind([b"5"], "s1") + message(b"D", b"P\0") + execute() + message(b"S")
+    if first == "answered":
+        before, expected = _group("0") + FLUSH, [b"1", b"2", b"T", b"D", b"C"] * 5 + [b"Z"]
+        answered = [b"1", b"2", b"T", b"D", b"C"]
+    else:  # the server skips everything up to the Sync
+        before, expected = _group("0", "SELECT 1/$1::int") + FLUSH, [b"Z"]
+        answered = [b"1", b"E"]  # the Bind fails (a constant folded at planning)
+    wrong = []
+    for cut in range(1, len(stream)):
+        with RawClient(h.host, h.port, timeout=5) as c:
+            c.login("postgres", "p0")
+            c.send(before)
+            assert [t for t, _ in c.read_types(*answered)] == answered
+            c.send(stream[:cut])
+            wait_read_by_peer(c.sock)
+            c.send(stream[cut:])
+            try:
+                got = [t for t, _ in c.read_until_ready()]
+            except wire.WireError as exc:
+                got = [str(exc)]
+            if got != expected:
+                wrong.append((cut, got))
+    assert not wrong, wrong[:5]
 
 
 def test_a_table_made_again_alike_is_no_schema_change(pg, pgherd):

@@ -180,5 +180,25 @@ def test_frontend_scanner_lists_unsynced_messages_while_watching_names():
                      + msg(b"H"))
     fs.feed(data, len(data))
     assert fs.unsynced == [ord("P"), ord("B")]  # since the last Sync (or Query)
-    fs.unsee(fs.syncs, fs.syncs_since_exec, 1)
-    assert fs.unsynced == [ord("P")]
+    before = fs.unsynced[:]
+    fs.feed(bytearray(msg(b"E", b"\x00" * 5) + msg(b"S")), 15)
+    assert fs.unsynced == []  # the Sync ended the pipeline
+    fs.unsee(fs.syncs, fs.syncs_since_exec, before)  # ... but the chunk is to be fed again
+    assert fs.unsynced == [ord("P"), ord("B")]
+
+
+def test_backend_scanner_counts_the_replies_that_end_requests_only_when_asked():
+    bs = BackendScanner()
+    replies = bytearray(msg(b"1") + msg(b"2") + msg(b"T", b"\x00\x00") + msg(b"D", b"\x00\x00")
+                        + msg(b"C", b"SELECT 1\x00"))
+    bs.feed(replies, len(replies))
+    assert bs.ext_done == 0  # off: the hot path pays nothing
+    bs.count_replies(True)
+    bs.feed(replies, len(replies))
+    assert (bs.ext_done, bs.ext_failed) == (4, False)  # ParseComplete, BindComplete, T, C
+    error = bytearray(msg(b"E", b"SERROR\x00C22012\x00Mdivision by zero\x00\x00"))
+    bs.feed(error, len(error))
+    assert bs.ext_failed
+    ready = bytearray(msg(b"Z", b"I"))
+    bs.feed(ready, len(ready))
+    assert (bs.ext_done, bs.ext_failed) == (0, False)  # counts start again after a Sync
