@@ -5,7 +5,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench deps postgres pgbouncer pgbadger uitools clean deb rpm client-suites
+.PHONY: test demo bench deps postgres pgbouncer pgbadger uitools clean deb rpm client-suites fuzz
 
 test: deps postgres pgbouncer pgbadger uitools
 	$(PY) -m pytest -n auto -p no:cacheprovider
@@ -22,6 +22,14 @@ SUITES ?= psycopg,asyncpg
 MODES  ?= direct,session,transaction
 client-suites: deps postgres
 	$(PY) -m tests.client_suites --suites $(SUITES) --modes $(MODES) $(if $(ARGS),-- $(ARGS))
+
+# Hostile input against a throwaway PostgreSQL and pgherd (2 workers): CASES cases, 24 at a
+# time, a bystander client querying throughout (tests/fuzzing.py). Not in CI (the suite runs
+# 5,000 of them); exit status 1 if a worker died, the bystander failed or memory grew >10 %.
+CASES ?= 100000
+SEED  ?= 1
+fuzz: deps postgres
+	$(PY) -m tests.fuzzing --cases $(CASES) --seed $(SEED)
 
 deps: $(STAMP)
 

@@ -2,7 +2,8 @@
 
 One generator serves three users: the sans-IO fuzz test (``tests/unit/test_fuzz_proto.py``),
 the live fuzz run against pgherd (``tests/integration/test_fuzz.py``, 5,000 cases in CI) and
-``make fuzz`` (``python -m tests.fuzzing``, 100,000+ cases). A case is a list of chunks of
+``make fuzz`` (``python -m tests.fuzzing``, 100,000+ cases against a throwaway PostgreSQL and
+pgherd of its own). A case is a list of chunks of
 bytes; the same seed always gives the same cases, so a failure is replayed by its seed.
 """
 
@@ -170,7 +171,7 @@ class Generator:
 class Outcome:
     cases: int = 0
     login_failures: int = 0  # a login that should have worked did not (the oracle decides)
-    timeouts: int = 0  # pgherd neither answered nor closed within the deadline
+    timeouts: int = 0  # pgherd still sending at the deadline (a case that never ends)
     seeds_timed_out: list[int] = field(default_factory=list)
 
 
@@ -209,6 +210,8 @@ async def _run_case(host: str, port: int, case: Case, deadline: float, out: Outc
                 return
             if not data:
                 return
+        out.timeouts += 1  # still talking at the deadline
+        out.seeds_timed_out.append(case.seed)
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
         return
     finally:
@@ -231,21 +234,115 @@ async def run_live(host: str, port: int, seed: int, n: int, concurrency: int = 2
     return out
 
 
+#: pgherd as the live fuzz runs meet it: transaction mode, a small pool (so clients wait and
+#: servers move between clients and workers), short timeouts (so stuck cases end).
+SETTINGS = {"pool_mode": "transaction", "default_pool_size": 2, "query_wait_timeout": 5,
+            "client_login_timeout": 5, "max_prepared_statements": 10}
+WARM_UP = 500  # cases played before the memory baseline is taken
+
+
+@dataclass
+class Report:
+    """What a live fuzz run did to the service."""
+
+    outcome: Outcome
+    seconds: float
+    pids_before: list[int]
+    pids_after: list[int]
+    rss_warm: dict[int, int]  # per worker, after the warm-up
+    rss_after: dict[int, int]
+    bystander_queries: int
+    bystander_errors: list[str]
+
+    def rss_growth(self) -> float:
+        """The largest relative growth of a worker's RSS since the warm-up."""
+        return max((self.rss_after.get(p, 0) - r) / r for p, r in self.rss_warm.items())
+
+    def lines(self) -> list[str]:
+        return ["%d cases in %.0f s (%d logins refused, %d timed out)" % (
+                    self.outcome.cases, self.seconds, self.outcome.login_failures,
+                    self.outcome.timeouts),
+                "worker pids before %s, after %s" % (self.pids_before, self.pids_after),
+                "worker RSS after warm-up %s MiB, after %s MiB (largest growth %+.1f %%)" % (
+                    [r >> 20 for r in self.rss_warm.values()],
+                    [r >> 20 for r in self.rss_after.values()], 100 * self.rss_growth()),
+                "bystander: %d queries, %d errors %s" % (
+                    self.bystander_queries, len(self.bystander_errors),
+                    self.bystander_errors[:3])]
+
+
+def fuzz_service(pooler, seed: int, n: int, concurrency: int = 24) -> Report:
+    """Play ``n`` cases against a running ``tests.helpers.Pgherd`` while a bystander client
+    runs queries on its own connection, and report what the service went through."""
+    import threading
+
+    import psutil
+    import psycopg
+
+    def rss() -> dict[int, int]:
+        return {p: psutil.Process(p).memory_info().rss for p in pooler.worker_pids()}
+
+    asyncio.run(run_live(pooler.host, pooler.port, seed + 1, WARM_UP, concurrency))
+    pids = pooler.worker_pids()
+    warm = rss()
+    stop = threading.Event()
+    queries = [0]
+    errors: list[str] = []
+
+    def bystander() -> None:  # in a pool of its own: the fuzz cases fill theirs on purpose
+        try:
+            with pooler.connect("p1", prepare_threshold=None, connect_timeout=10) as conn:
+                while not stop.is_set():
+                    if conn.execute("SELECT 41 + 1").fetchone() != (42,):
+                        errors.append("wrong answer")
+                    queries[0] += 1
+        except psycopg.Error as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=bystander, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        outcome = asyncio.run(run_live(pooler.host, pooler.port, seed, n, concurrency))
+    finally:
+        stop.set()
+        thread.join(30)
+    return Report(outcome, time.monotonic() - started, pids, pooler.worker_pids(), warm, rss(),
+                  queries[0], errors)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``make fuzz``: play cases against a running pooler, report its worker pids before and
-    after (the caller compares), exit 0 when every case ran."""
+    """``make fuzz``: a throwaway PostgreSQL and pgherd (2 workers), ``--cases`` cases; exit 1
+    if a worker died, the bystander failed, memory grew more than 10 % or a bug was logged."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.helpers import PgCluster, Pgherd
+
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=24)
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    started = time.monotonic()
-    out = asyncio.run(run_live(args.host, args.port, args.seed, args.cases, args.concurrency))
-    print("%d cases in %.0fs, %d logins refused" % (out.cases, time.monotonic() - started,
-                                                    out.login_failures))
-    return 0
+    pg = PgCluster().start()
+    try:
+        pooler = Pgherd(pg, Path(tempfile.mkdtemp(prefix="pgherd-fuzz-")), settings=SETTINGS,
+                        workers=args.workers)
+        pooler.start()
+        try:
+            report = fuzz_service(pooler, args.seed, args.cases, args.concurrency)
+            log = pooler.log()
+        finally:
+            pooler.shutdown()
+    finally:
+        pg.stop()
+    bugs = log.count("Traceback") + log.count("internal error")
+    print("\n".join(report.lines() + ["bugs logged: %d" % bugs]))
+    ok = (report.pids_before == report.pids_after and not report.bystander_errors
+          and report.rss_growth() <= 0.10 and not bugs)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -182,7 +182,10 @@ def parse_fields(body: bytes) -> dict[str, str]:
 
 
 def parse_parameter_status(body: bytes | memoryview) -> tuple[str, str]:
-    name, value, _ = bytes(body).split(b"\x00", 2)
+    parts = bytes(body).split(b"\x00", 2)
+    if len(parts) != 3:
+        raise ProtocolError("bad ParameterStatus")
+    name, value, _ = parts
     return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
 
 

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgherd")
 
+#: A server drained for a client that left, and silent this long, waits for something no one
+#: will send: hostile input can throw the count of replies owed off (a Query after a failed
+#: extended-protocol message is skipped by the server, unanswered). It is closed, not kept.
+DRAIN_SILENCE = 1.0
+
 BUF_SIZE = 256 * 1024
 # One buffer for the whole worker: callbacks run one at a time, and a chunk is forwarded (or
 # copied into the connection's backlog) before the callback returns.
@@ -643,7 +648,9 @@ class Server(Conn):
         self.expect += 1
         self.draining = True
         self.state = "active"
-        self.worker.drains[self] = _monotonic() + self.worker.settings.cancel_wait_timeout
+        now = _monotonic()
+        self.worker.drains[self] = (now + self.worker.settings.cancel_wait_timeout,
+                                    now + DRAIN_SILENCE)
         self.write(COPY_FAIL + SYNC if client.fs.copy_in else SYNC)
         if running and not self.closed and not self.cancels:
             self.worker.cancel_server(self)
@@ -651,6 +658,9 @@ class Server(Conn):
             self.rw.start(self.on_read)  # it may have been paused by the client's backlog
 
     def _drain_read(self, n: int) -> None:
+        drains = self.worker.drains
+        if self in drains:
+            drains[self] = (drains[self][0], _monotonic() + DRAIN_SILENCE)
         bs = self.bs
         rfq = bs.rfq
         bs.feed(_BUF, n)

@@ -63,7 +63,9 @@ class Worker:
         self._entropy = memoryview(b"")  # os.urandom read ahead for cancel keys
         self.auto_databases: dict[str, Database] = {}
         self.closing: dict = {}  # Server -> when its Terminate was sent (see Server.close)
-        self.drains: dict = {}  # Server -> until when it may drain (Server.client_left)
+        # Server -> until when it may drain, and until when it may stay silent meanwhile
+        # (Server.client_left)
+        self.drains: dict = {}
         self.handshakes: dict = {}  # Login -> its deadline, while no greenlet enforces it
         self.unauthenticated: dict = {}  # Login -> admitted at; a place, no auth yet; oldest first
         # SHOW STATS averages: per database, the last stats_period (every worker computes
@@ -384,10 +386,13 @@ class Worker:
             for login, deadline in list(self.handshakes.items()):
                 if now > deadline:
                     login.timed_out()
-            for server, until in list(self.drains.items()):
+            for server, (until, quiet_until) in list(self.drains.items()):
                 if now > until:
                     server.close("client disconnect while server was not ready "
                                  "(not drained within cancel_wait_timeout)")
+                elif now > quiet_until:
+                    server.close("client disconnect while server was not ready "
+                                 "(silent while drained)")
             for server, since in list(self.closing.items()):
                 if now - since > CLOSE_WAIT:
                     log.warning("%s backend did not end within %ds of Terminate; "
