@@ -86,6 +86,14 @@ class Want(msgspec.Struct, tag=True, array_like=True):
     evict: str = ""
 
 
+class Accepted(msgspec.Struct, tag=True, array_like=True):
+    """A new connection the master accepted from a stalled worker's listener, for a worker
+    that runs (its socket rides along): the kernel keeps queueing connections for a worker
+    that stopped (SIGSTOP, a blocking bug), and they would wait there until it runs again."""
+
+    family: int
+
+
 class Cancel(msgspec.Struct, tag=True, array_like=True):
     """A CancelRequest that the kernel handed to another worker than the client's."""
 
@@ -192,15 +200,15 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
     error: str = ""
 
 
-Message = Union[Handoff, ClientHandoff, Want, Cancel, Gather, Rows, Publish, Done, Reload, Ack,
-                Command, Reply]
+Message = Union[Handoff, ClientHandoff, Accepted, Want, Cancel, Gather, Rows, Publish, Done,
+                Reload, Ack, Command, Reply]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
 #: Messages that carry a connection: they travel on the hand-over lane.
-HANDOVERS = (Handoff, ClientHandoff)
+HANDOVERS = (Handoff, ClientHandoff, Accepted)
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:

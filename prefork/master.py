@@ -91,6 +91,10 @@ class Slot:
         self.bound = False
 
 
+#: Connections the master takes per tick from one stalled worker's listener.
+ACCEPT_BATCH = 256
+
+
 class Master:
     def __init__(self, config: Config, overrides: dict[str, str] | None = None,
                  verbose: int = 0, daemon: bool = False) -> None:
@@ -600,6 +604,25 @@ class Master:
             if runnable is None:
                 runnable = self._runnable()
             self._pass_on(slot.index, runnable)
+            self._accept_for(slot, runnable)
+
+    def _accept_for(self, slot: Slot, runnable: list[int]) -> None:
+        """New connections the kernel queued on a stalled worker's listeners go to workers
+        that run (a bounded batch per tick); when it runs again it accepts them itself."""
+        if not runnable:
+            return
+        turn = 0
+        for lsock in slot.tcp:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    fd, _addr = lsock._accept()
+                except OSError:  # nothing queued (or a transient error: next tick)
+                    break
+                target = runnable[turn % len(runnable)]
+                turn += 1
+                if not self.inboxes.send(target, channel.Accepted(lsock.family), [fd]):
+                    log.warning("worker %d: a new connection could not be passed on", target)
+                os.close(fd)  # the worker got its own copy
 
     def _pass_on(self, index: int, runnable: list[int]) -> None:
         """Move the hand-overs waiting in slot ``index``'s lane to runnable workers: a server

@@ -120,17 +120,18 @@ def pg_tool(name: str, bindir: Path | None = None) -> str | None:
 
 
 class Sampler(threading.Thread):
-    """Polls pg_stat_activity every 50 ms (``pg.backends(**filters)``) and keeps the largest
-    count it saw: the ground truth for a limit. Use as a context manager.
+    """Polls pg_stat_activity every ``period`` seconds (``pg.backends(**filters)``) and keeps
+    the largest count it saw: the ground truth for a limit. Use as a context manager.
 
     All samples go over one connection: with a connection per sample, the backend of the
     previous one can still be exiting under load and be counted as a server connection of
     user postgres (the likely cause of one sample of 4 for a limit of 3, in a clean-clone
     run of the suite)."""
 
-    def __init__(self, pg: "PgCluster", **filters: Any) -> None:
+    def __init__(self, pg: "PgCluster", period: float = 0.05, **filters: Any) -> None:
         super().__init__(daemon=True)
         self.pg = pg
+        self.period = period
         self.filters = filters
         self.max = 0
         self.samples = 0
@@ -149,7 +150,7 @@ class Sampler(threading.Thread):
                 if conn is not None:
                     conn.close()
                 conn = None
-            self._halt.wait(0.05)
+            self._halt.wait(self.period)
         if conn is not None:
             conn.close()
 

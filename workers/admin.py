@@ -307,6 +307,8 @@ def _show_workers(worker: Worker):
             cpu_seconds = round(use.cpu_seconds, 2)
             cpu = round(100.0 * use.cpu_seconds / max((now - w.started_ns) / 1e9, 1e-3), 1)
         state = "paused" if w.paused else shm.STATE_NAMES.get(w.state, "?")
+        if state == "ready" and now - w.heartbeat_ns > shm.STALLED_AFTER_NS:
+            state = "stalled"  # nothing is handed to it until it beats again
         rows.append((w.slot, w.pid or None, state if w.pid else "down",
                      (now - w.started_ns) // 1_000_000_000 if w.pid else 0,
                      (now - w.heartbeat_ns) // 1_000_000 if w.pid else None, w.clients,

@@ -66,7 +66,7 @@ class Exchange:
         self._flusher: gevent.Greenlet | None = None
         self._handlers: dict[type, Callable] = {
             channel.Handoff: self._on_handoff, channel.Want: self._on_want,
-            channel.ClientHandoff: self._on_client_handoff,
+            channel.ClientHandoff: self._on_client_handoff, channel.Accepted: self._on_accepted,
             channel.Cancel: self._on_cancel, channel.Gather: self._on_gather,
             channel.Rows: self._on_rows, channel.Publish: self._on_publish,
             channel.Done: self._on_done, channel.Reply: self._on_reply,
@@ -221,6 +221,13 @@ class Exchange:
         if m.evict:
             # Settled idle servers only: one a busy pool just released is about to be used.
             evict_idle(worker.pools.values(), m.db, m.user, m.evict, IDLE_OFFER_AFTER)
+
+    def _on_accepted(self, m: channel.Accepted, fds: list[int]) -> None:
+        sock = socket.socket(m.family, socket.SOCK_STREAM, 0, fds.pop(0))
+        try:
+            self.worker.serve_accepted(sock)
+        except OSError:  # gone already (getpeername): nothing of ours holds it yet
+            sock.close()
 
     # ------------------------------------------------------------------ cancel
 

@@ -355,14 +355,19 @@ class Worker:
                 log.error("accept() failed: %s; pausing for a second", exc.strerror)
                 self._pause_accepting(1.0)
             return
-        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        self.serve_accepted(socket.socket(family, socket.SOCK_STREAM, 0, fd), addr)
+
+    def serve_accepted(self, sock: socket.socket, addr=None) -> None:
+        """A new connection, from our listener or one the master took from a stalled
+        worker's (``addr`` unknown then): its login starts."""
         sock.setblocking(False)
-        if family == socket.AF_UNIX:
+        if sock.family == socket.AF_UNIX:
             peer = ("unix", self.settings.listen_port)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.settings.tcp_keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            addr = addr or sock.getpeername()
             peer = (addr[0], addr[1])
         Login(self, sock, peer, self.next_id()).start()
 
