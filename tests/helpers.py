@@ -175,6 +175,7 @@ class Load:
         self.query = query
         self.connect_timeout = connect_timeout
         self.done: list[float] = []
+        self.done_by: list[list[float]] = [[] for _ in range(clients)]  # per client
         self.errors: list[tuple[float, BaseException]] = []
         self.last_ok = [0.0] * clients
         self._halt = threading.Event()
@@ -191,6 +192,7 @@ class Load:
                 conn.execute(self.query)
                 self.last_ok[i] = now = time.monotonic()
                 self.done.append(now)
+                self.done_by[i].append(now)
             except psycopg.Error as exc:
                 self.errors.append((time.monotonic(), exc))
                 if conn is not None:
