@@ -5,7 +5,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench deps postgres pgbouncer pgbadger uitools clean deb rpm client-suites fuzz
+.PHONY: test demo bench deps postgres pgbouncer pgbadger uitools clean deb rpm client-suites fuzz reliability
 
 test: deps postgres pgbouncer pgbadger uitools
 	$(PY) -m pytest -n auto -p no:cacheprovider
@@ -30,6 +30,12 @@ CASES ?= 100000
 SEED  ?= 1
 fuzz: deps postgres
 	$(PY) -m tests.fuzzing --cases $(CASES) --seed $(SEED)
+
+# Faults and hostile clients, pgherd and the installed PgBouncer side by side: the figures of
+# docs/reliability.md (tests/reliability.py; ROUNDS rounds, min-max printed).
+ROUNDS ?= 3
+reliability: deps postgres pgbouncer
+	$(PY) -m tests.reliability --rounds $(ROUNDS) --json reliability.json
 
 deps: $(STAMP)
 
