@@ -335,3 +335,22 @@ def test_a_huge_message_after_a_named_statement_streams_through(pgherd):
             [str(len(param)).encode()]
     assert h.worker_pids() == [pid]
     assert_no_internal_error(h)
+
+
+def test_a_client_that_does_not_read_a_huge_result_costs_no_memory(pgherd, pg):
+    """200 MB of result for a client that reads none of it: pgherd stops reading the server
+    once the client's socket is full (PgBouncer's sbuf back-pressure), so PostgreSQL waits
+    in ClientWrite and pgherd holds at most a chunk."""
+    h = pgherd(settings=TX1, workers=1)
+    (pid,) = h.worker_pids()
+    with wire.RawClient(h.host, h.port, timeout=10) as c:
+        c.login("postgres", "p0")
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        before = _peak_rss(pid)
+        c.send(wire.query("SELECT repeat('x', 1000000) FROM generate_series(1, 200)"))
+        wait_for(lambda: pg.sql("SELECT 1 FROM pg_stat_activity WHERE wait_event = "
+                                "'ClientWrite' AND query LIKE 'SELECT repeat%'",
+                                dbname="postgres"),
+                 message="PostgreSQL blocked writing the result to pgherd")
+        assert _peak_rss(pid) < before + (16 << 20)
+    assert h.worker_pids() == [pid]
